@@ -1,0 +1,868 @@
+"""DeepSeek-V3 (arXiv 2412.19437): Multi-head Latent Attention, DeepSeekMoE and Multi-Token Prediction.
+
+Read top to bottom: norm -> rotary/YaRN -> MLA -> MLP -> router -> experts -> MoE -> decoder layer -> MTP layer
+-> PreTrainedModel -> Model -> ForCausalLM.
+
+Shape suffixes and names (torchtitan style):
+    B batch, T query tokens, S key tokens (past + new), D hidden_size, H attention heads,
+    N qk_nope_head_dim, R qk_rope_head_dim, V v_head_dim, L kv_lora_rank (the latent c_kv),
+    E routed experts, K experts per token, I expert width, G expert groups.
+
+Paper names: c_kv (normalized KV latent, what the cache stores), k_pe (the one rotated key head shared by all
+heads), q_nope/q_pe, W_UK/W_UV (the key and value halves of kv_b_proj), h' and eh_proj (MTP input projection).
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .checkpoint_layout import MTP_SHARED_COPY_PATTERN, mtp_shared_copies, register_official_layout
+from .configuration_deepseek_v3 import DeepseekV3Config, yarn_get_mscale
+
+register_official_layout()
+
+# `torch.nn.functional.grouped_mm` (public from torch 2.10) or its private predecessor (torch 2.8-2.9).
+_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+class DeepseekV3RMSNorm(nn.Module):
+    """RMSNorm computed in float32, scaled by `weight` in the input dtype."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+    def extra_repr(self):
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rotary embedding with YaRN (REFERENCE.md section 3)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _yarn_correction_dim(num_rotations: float, dim: int, base: float, original_max_position: int) -> float:
+    # The RoPE dimension whose wavelength fits `num_rotations` times into the original context.
+    return dim * math.log(original_max_position / (num_rotations * 2 * math.pi)) / (2 * math.log(base))
+
+
+def compute_rope_inv_freq(config: DeepseekV3Config) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [R/2] of the decoupled RoPE (YaRN-interpolated when configured) and the cos/sin factor.
+
+    YaRN as in the official `precompute_freqs_cis`: dimensions below `low = floor(d(beta_fast))` keep their
+    frequency, dimensions above `high = ceil(d(beta_slow))` are divided by `factor`, with a linear ramp between.
+    The returned factor is `mscale(factor, mscale) / mscale(factor, mscale_all_dim)` (1.0 for V3).
+    """
+    dim = config.qk_rope_head_dim
+    base = config.rope_theta
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim))
+    yarn = config.yarn_parameters
+    if yarn is None:
+        return inv_freq, 1.0
+    factor = yarn["factor"]
+    original_max_position = yarn["original_max_position_embeddings"]
+    beta_fast = yarn.get("beta_fast") or 32
+    beta_slow = yarn.get("beta_slow") or 1
+    low = max(math.floor(_yarn_correction_dim(beta_fast, dim, base, original_max_position)), 0)
+    high = min(math.ceil(_yarn_correction_dim(beta_slow, dim, base, original_max_position)), dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    smooth = 1 - ramp
+    inv_freq = inv_freq / factor * (1 - smooth) + inv_freq * smooth
+    attention_factor = yarn_get_mscale(factor, yarn.get("mscale") or 1.0) / yarn_get_mscale(
+        factor, yarn.get("mscale_all_dim") or 1.0
+    )
+    if yarn.get("attention_factor") is not None:
+        attention_factor = yarn["attention_factor"]
+    return inv_freq, attention_factor
+
+
+class DeepseekV3RotaryEmbedding(nn.Module):
+    """Maps positions [B, T] to float32 (cos, sin) [B, T, R/2] for the interleaved-pair rotation."""
+
+    def __init__(self, config: DeepseekV3Config):
+        super().__init__()
+        self.config = config
+        inv_freq, self.attention_scaling = compute_rope_inv_freq(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @torch.no_grad()
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Angles in float32 even under autocast: bf16 positions * frequencies lose whole turns at long context.
+        with torch.autocast(device_type=position_ids.device.type, enabled=False):
+            freqs_BTr = position_ids[..., None].float() * self.inv_freq.float().to(position_ids.device)
+            return freqs_BTr.cos() * self.attention_scaling, freqs_BTr.sin() * self.attention_scaling
+
+
+def apply_rotary_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the pairs (x[2i], x[2i+1]) of the last dim of `x` [..., T, R] by the angles of `cos`/`sin`
+    [..., T, R/2], exactly as the official complex multiply does on the unpermuted official weights.
+    Computed in float32, returned in the dtype of `x`."""
+    x_pairs = x.float().unflatten(-1, (-1, 2))
+    x_even, x_odd = x_pairs[..., 0], x_pairs[..., 1]
+    rotated = torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1)
+    return rotated.flatten(-2).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Multi-head Latent Attention
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_attention_bias(
+    attention_mask: torch.Tensor | None,
+    cache_position: torch.Tensor,
+    kv_length: int,
+    dtype: torch.dtype,
+    keys_are_exact: bool = True,
+) -> torch.Tensor | None:
+    """Additive attention bias [B or 1, 1, T, S] (0 where allowed, the dtype's minimum elsewhere).
+
+    Args:
+        attention_mask: None, a 2D padding mask [B, S'] (1 = real token, S' <= S: a static cache is longer than
+            the tokens seen so far, and positions past them are excluded by causality anyway), or a ready 4D mask
+            (boolean, True = attend, or additive).
+        cache_position: [T] absolute position of each query token.
+        kv_length: S, the key length the attention will see.
+        keys_are_exact: the S keys are exactly the tokens seen so far (a dynamic cache). A static cache is longer,
+            and its unwritten slots must be masked even for a single new token.
+    Returns None when nothing needs masking (one new token, exact keys, no padding mask). The minimum instead of
+    -inf keeps fully masked rows (left-padding positions) finite.
+    """
+    min_value = torch.finfo(dtype).min
+    if attention_mask is not None and attention_mask.dim() == 4:
+        if attention_mask.dtype == torch.bool:
+            return torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device).masked_fill(
+                ~attention_mask, min_value
+            )
+        return attention_mask.to(dtype)
+    if attention_mask is None and cache_position.shape[0] == 1 and keys_are_exact:
+        return None
+    key_position_S = torch.arange(kv_length, device=cache_position.device)
+    allowed_TS = key_position_S[None, :] <= cache_position[:, None]
+    allowed_BTS = allowed_TS[None]
+    if attention_mask is not None:
+        padding_BS = attention_mask.to(torch.bool)
+        if padding_BS.shape[-1] < kv_length:
+            padding_BS = F.pad(padding_BS, (0, kv_length - padding_BS.shape[-1]), value=True)
+        allowed_BTS = allowed_BTS & padding_BS[:, None, :kv_length]
+    bias_BTS = torch.zeros(allowed_BTS.shape, dtype=dtype, device=cache_position.device)
+    return bias_BTS.masked_fill(~allowed_BTS, min_value)[:, None]
+
+
+class DeepseekV3Attention(nn.Module):
+    """Multi-head Latent Attention with decoupled RoPE (REFERENCE.md section 3).
+
+    Keys and values of all heads come from one normalized latent `c_kv` [L] per token plus one rotated key head
+    `k_pe` [R]; the cache holds exactly those two. Two equivalent ways to attend (`config.attention_form`):
+
+    - naive: decompress `kv_b_proj(c_kv)` into per-head k_nope [N] and v [V] for every key, attend with head
+      dim N + R (SDPA or eager). Cheap for a prompt, whose keys are all new.
+    - absorbed: fold `W_UK` into the query (`q_lat = q_nope @ W_UK`, [L] per head) and `W_UV` into the output
+      (`o = o_lat @ W_UV^T`), and attend on the latent cache directly as multi-query attention with key
+      [c_kv | k_pe] and value c_kv. Decode reads L + R values per cached token instead of H * (N + V), and the
+      cache is never re-expanded.
+    """
+
+    def __init__(self, config: DeepseekV3Config, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.q_lora_rank = config.q_lora_rank
+        self.kv_lora_rank = config.kv_lora_rank
+        self.qk_nope_head_dim = config.qk_nope_head_dim
+        self.qk_rope_head_dim = config.qk_rope_head_dim
+        self.qk_head_dim = config.qk_head_dim
+        self.v_head_dim = config.v_head_dim
+        self.scaling = config.softmax_scale
+        self.attention_dropout = config.attention_dropout
+
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(config.hidden_size, self.q_lora_rank, bias=config.attention_bias)
+            self.q_a_layernorm = DeepseekV3RMSNorm(self.q_lora_rank, eps=config.rms_norm_eps)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, self.num_heads * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(
+            config.hidden_size, self.kv_lora_rank + self.qk_rope_head_dim, bias=config.attention_bias
+        )
+        self.kv_a_layernorm = DeepseekV3RMSNorm(self.kv_lora_rank, eps=config.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(
+            self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False
+        )
+        self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, config.hidden_size, bias=config.attention_bias)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_bias: torch.Tensor | None,
+        past_key_values: Cache | None = None,
+        use_absorbed: bool = False,
+    ) -> torch.Tensor:
+        """hidden_states [B, T, D], position_embeddings (cos, sin) [B, T, R/2], attention_bias [B|1, 1, T, S] or
+        None (no masking). Appends this step's (c_kv, k_pe) to `past_key_values`. Returns [B, T, D]."""
+        B, T, _ = hidden_states.shape
+        H, N, R, L = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
+        cos_BTr, sin_BTr = position_embeddings
+
+        if self.q_lora_rank is None:
+            q = self.q_proj(hidden_states)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
+        q_BHTk = q.view(B, T, H, N + R).transpose(1, 2)
+        q_nope_BHTn, q_pe_BHTr = torch.split(q_BHTk, [N, R], dim=-1)
+        q_pe_BHTr = apply_rotary_interleaved(q_pe_BHTr, cos_BTr[:, None], sin_BTr[:, None])
+
+        c_kv_BTl, k_pe_BTr = torch.split(self.kv_a_proj_with_mqa(hidden_states), [L, R], dim=-1)
+        c_kv_BTl = self.kv_a_layernorm(c_kv_BTl)
+        k_pe_BTr = apply_rotary_interleaved(k_pe_BTr, cos_BTr, sin_BTr)
+
+        # The cache stores the latent as a single "key head" [B, 1, S, L] and k_pe as a single "value head"
+        # [B, 1, S, R]: any transformers Cache (dynamic, static, offloaded) then holds L + R values per token.
+        c_kv_B1Sl, k_pe_B1Sr = c_kv_BTl[:, None], k_pe_BTr[:, None]
+        if past_key_values is not None:
+            c_kv_B1Sl, k_pe_B1Sr = past_key_values.update(c_kv_B1Sl, k_pe_B1Sr, self.layer_idx)
+
+        if use_absorbed:
+            attn_BHTv = self._attend_absorbed(q_nope_BHTn, q_pe_BHTr, c_kv_B1Sl[:, 0], k_pe_B1Sr[:, 0], attention_bias)
+        else:
+            attn_BHTv = self._attend_naive(q_nope_BHTn, q_pe_BHTr, c_kv_B1Sl[:, 0], k_pe_B1Sr, attention_bias)
+        return self.o_proj(attn_BHTv.transpose(1, 2).reshape(B, T, H * self.v_head_dim))
+
+    def _attend_naive(self, q_nope_BHTn, q_pe_BHTr, c_kv_BSl, k_pe_B1Sr, attention_bias):
+        B, H, T, _ = q_nope_BHTn.shape
+        S = c_kv_BSl.shape[1]
+        kv_BHSk = self.kv_b_proj(c_kv_BSl).view(B, S, H, self.qk_nope_head_dim + self.v_head_dim).transpose(1, 2)
+        k_nope_BHSn, value_BHSv = torch.split(kv_BHSk, [self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        key_BHSk = torch.cat((k_nope_BHSn, k_pe_B1Sr.expand(B, H, S, -1)), dim=-1)
+        query_BHTk = torch.cat((q_nope_BHTn, q_pe_BHTr), dim=-1)
+        dropout = self.attention_dropout if self.training else 0.0
+        if self.config._attn_implementation == "sdpa":
+            return F.scaled_dot_product_attention(
+                query_BHTk, key_BHSk, value_BHSv, attn_mask=attention_bias, dropout_p=dropout, scale=self.scaling
+            )
+        scores_BHTS = torch.matmul(query_BHTk, key_BHSk.transpose(-1, -2)) * self.scaling
+        return torch.matmul(self._softmax(scores_BHTS, attention_bias, dropout, value_BHSv.dtype), value_BHSv)
+
+    def _attend_absorbed(self, q_nope_BHTn, q_pe_BHTr, c_kv_BSl, k_pe_BSr, attention_bias):
+        B, H, T, _ = q_nope_BHTn.shape
+        N, L = self.qk_nope_head_dim, self.kv_lora_rank
+        w_kv_b_HkL = self.kv_b_proj.weight.view(H, N + self.v_head_dim, L)
+        w_uk_HNL, w_uv_HVL = w_kv_b_HkL[:, :N], w_kv_b_HkL[:, N:]
+        q_lat_BHTl = torch.einsum("bhtn,hnl->bhtl", q_nope_BHTn, w_uk_HNL)
+        # Heads folded into the query rows: one batched GEMM per sequence against the shared latent, with no
+        # per-head copy of the cache (multi-query attention over H * T rows).
+        q_lat_Bql = q_lat_BHTl.reshape(B, H * T, L)
+        q_pe_Bqr = q_pe_BHTr.reshape(B, H * T, -1)
+        scores_BqS = torch.bmm(q_lat_Bql, c_kv_BSl.transpose(1, 2)) + torch.bmm(q_pe_Bqr, k_pe_BSr.transpose(1, 2))
+        scores_BHTS = scores_BqS.view(B, H, T, -1) * self.scaling
+        dropout = self.attention_dropout if self.training else 0.0
+        probs_BHTS = self._softmax(scores_BHTS, attention_bias, dropout, c_kv_BSl.dtype)
+        o_lat_BHTl = torch.bmm(probs_BHTS.reshape(B, H * T, -1), c_kv_BSl).view(B, H, T, L)
+        return torch.einsum("bhtl,hvl->bhtv", o_lat_BHTl, w_uv_HVL)
+
+    def _softmax(self, scores_BHTS, attention_bias, dropout, dtype):
+        # Softmax in float32 (the bias holds the dtype's minimum), probabilities back in the compute dtype.
+        scores_BHTS = scores_BHTS.float()
+        if attention_bias is not None:
+            scores_BHTS = scores_BHTS + attention_bias.float()
+        probs_BHTS = torch.softmax(scores_BHTS, dim=-1)
+        return F.dropout(probs_BHTS, p=dropout, training=self.training).to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Feed-forward: dense MLP, router, routed experts, DeepSeekMoE (REFERENCE.md section 4)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class DeepseekV3MLP(nn.Module):
+    """Gated MLP `down(act(gate(x)) * up(x))`: the dense layers and the shared experts."""
+
+    def __init__(self, config: DeepseekV3Config, intermediate_size: int | None = None):
+        super().__init__()
+        intermediate_size = config.intermediate_size if intermediate_size is None else intermediate_size
+        self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DeepseekV3TopkRouter(nn.Module):
+    """Expert selection. For `noaux_tc` (V3):
+
+    1. `s = sigmoid(x @ W_gate^T)`, in float32: top-k decisions flip on rounding differences.
+    2. Selection uses `s + e_score_correction_bias` (the auxiliary-loss-free balancing bias: it only selects,
+       it never weights).
+    3. Group-limited: a group's score is the sum of its top-2 biased scores; the `topk_group` best groups stay.
+    4. Top-K over the remaining experts by biased score.
+    5. Weights: the unbiased `s` of the chosen experts, normalized to sum 1, times `routed_scaling_factor`.
+    """
+
+    def __init__(self, config: DeepseekV3Config):
+        super().__init__()
+        self.config = config
+        self.top_k = config.num_experts_per_tok
+        self.n_routed_experts = config.n_routed_experts
+        self.n_group = config.n_group or 1
+        self.topk_group = config.topk_group or self.n_group
+        self.weight = nn.Parameter(torch.empty(self.n_routed_experts, config.hidden_size))
+        if config.topk_method == "noaux_tc":
+            self.register_buffer("e_score_correction_bias", torch.zeros(self.n_routed_experts, dtype=torch.float32))
+        else:
+            self.e_score_correction_bias = None
+
+    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x_TD [T, D] -> (topk_idx [T, K] int64, topk_weight [T, K] float32, scores [T, E] float32)."""
+        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        if self.config.scoring_func == "sigmoid":
+            scores_TE = logits_TE.sigmoid()
+        else:
+            scores_TE = logits_TE.softmax(dim=-1)
+
+        choice_TE = scores_TE
+        if self.e_score_correction_bias is not None:
+            choice_TE = scores_TE + self.e_score_correction_bias.float()
+        if self.config.topk_method != "greedy" and self.n_group > 1:
+            T = x_TD.shape[0]
+            choice_TGe = choice_TE.view(T, self.n_group, -1)
+            if self.config.topk_method == "noaux_tc":
+                group_scores_TG = choice_TGe.topk(2, dim=-1).values.sum(dim=-1)
+            else:
+                group_scores_TG = choice_TGe.amax(dim=-1)
+            group_idx = group_scores_TG.topk(self.topk_group, dim=-1, sorted=False).indices
+            keep_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool).scatter_(1, group_idx, True)
+            choice_TE = choice_TGe.masked_fill(~keep_TG[..., None], float("-inf")).view(T, -1)
+        topk_idx_TK = choice_TE.topk(self.top_k, dim=-1, sorted=False).indices
+
+        topk_weight_TK = scores_TE.gather(1, topk_idx_TK)
+        if self.config.norm_topk_prob and self.top_k > 1:
+            topk_weight_TK = topk_weight_TK / (topk_weight_TK.sum(dim=-1, keepdim=True) + 1e-20)
+        topk_weight_TK = topk_weight_TK * self.config.routed_scaling_factor
+        return topk_idx_TK, topk_weight_TK, scores_TE
+
+
+class DeepseekV3Experts(nn.Module):
+    """The routed experts of one MoE layer, fused: `gate_up_proj` [E, 2I, D] (gate rows first) and `down_proj`
+    [E, D, I]. Same names and shapes as transformers' built-in; on disk they are per-expert 2D weights
+    (checkpoint_layout.py).
+
+    `config.moe_implementation` picks the compute: "eager" (loop over the experts that received tokens, the
+    reference), "grouped_mm" (tokens sorted by expert, one grouped GEMM per projection), or "auto" (grouped_mm on
+    CUDA bf16, where the kernel exists and is fast; eager otherwise). No token is ever dropped.
+    """
+
+    def __init__(self, config: DeepseekV3Config):
+        super().__init__()
+        self.config = config
+        self.num_experts = config.n_routed_experts
+        self.gate_up_proj = nn.Parameter(
+            torch.empty(self.num_experts, 2 * config.moe_intermediate_size, config.hidden_size)
+        )
+        self.down_proj = nn.Parameter(torch.empty(self.num_experts, config.hidden_size, config.moe_intermediate_size))
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor) -> torch.Tensor:
+        """x_TD [T, D], topk_idx_TK [T, K], topk_weight_TK [T, K] float32 -> float32 [T, D], the weighted sum of
+        each token's experts (combined in float32)."""
+        implementation = self.config.moe_implementation
+        if implementation == "auto":
+            use_grouped = _grouped_mm is not None and x_TD.is_cuda and x_TD.dtype == torch.bfloat16
+            implementation = "grouped_mm" if use_grouped else "eager"
+        if implementation == "grouped_mm":
+            if _grouped_mm is None:
+                raise RuntimeError(
+                    f"moe_implementation='grouped_mm' needs torch.nn.functional.grouped_mm (torch >= 2.8); "
+                    f"this is torch {torch.__version__}"
+                )
+            return self._forward_grouped_mm(x_TD, topk_idx_TK, topk_weight_TK)
+        return self._forward_eager(x_TD, topk_idx_TK, topk_weight_TK)
+
+    def _forward_eager(self, x_TD, topk_idx_TK, topk_weight_TK):
+        T, K = topk_idx_TK.shape
+        out_TD = torch.zeros(T, x_TD.shape[-1], dtype=torch.float32, device=x_TD.device)
+        flat_expert = topk_idx_TK.reshape(-1)
+        order = torch.argsort(flat_expert, stable=True)
+        # The reference path: host sync on the per-expert counts is accepted here.
+        counts = torch.bincount(flat_expert, minlength=self.num_experts).tolist()
+        flat_weight = topk_weight_TK.reshape(-1)
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            slot = order[start : start + count]
+            start += count
+            token = slot // K
+            gate, up = F.linear(x_TD[token], self.gate_up_proj[expert]).chunk(2, dim=-1)
+            y = F.linear(self.act_fn(gate) * up, self.down_proj[expert])
+            out_TD.index_add_(0, token, y.float() * flat_weight[slot, None])
+        return out_TD
+
+    def _forward_grouped_mm(self, x_TD, topk_idx_TK, topk_weight_TK):
+        T, K = topk_idx_TK.shape
+        flat_expert = topk_idx_TK.reshape(-1)
+        order = torch.argsort(flat_expert, stable=True)
+        token = order // K
+        # Group ends as int32 offsets, computed on the device: no host sync.
+        offsets = torch.cumsum(torch.bincount(flat_expert, minlength=self.num_experts), dim=0).to(torch.int32)
+        x_sorted = x_TD[token]
+        gate_up = _grouped_mm(x_sorted, self.gate_up_proj.transpose(1, 2), offs=offsets)
+        gate, up = gate_up.chunk(2, dim=-1)
+        y = _grouped_mm(self.act_fn(gate) * up, self.down_proj.transpose(1, 2), offs=offsets)
+        weighted = y.float() * topk_weight_TK.reshape(-1)[order, None]
+        out_TD = torch.zeros(T, x_TD.shape[-1], dtype=torch.float32, device=x_TD.device)
+        return out_TD.index_add_(0, token, weighted)
+
+
+def sequence_balance_loss(
+    scores_BTE: torch.Tensor, topk_idx_BTK: torch.Tensor, alpha: float, per_sequence: bool
+) -> torch.Tensor:
+    """Complementary sequence-wise balance loss `alpha * sum_i f_i * P_i` (paper eq. 17-20).
+
+    `f_i = E / (K * T) * #(tokens of the sequence routed to i)`, `P_i = mean_t s'_{i,t}` with the affinities
+    normalized per token (`s' = s / sum_j s_j`). Averaged over sequences; with `per_sequence=False` the whole
+    batch counts as one sequence. Only P carries a gradient.
+    """
+    if not per_sequence:
+        scores_BTE = scores_BTE.reshape(1, -1, scores_BTE.shape[-1])
+        topk_idx_BTK = topk_idx_BTK.reshape(1, -1, topk_idx_BTK.shape[-1])
+    B, T, E = scores_BTE.shape
+    K = topk_idx_BTK.shape[-1]
+    p_BE = (scores_BTE / scores_BTE.sum(dim=-1, keepdim=True)).mean(dim=1)
+    counts_BE = torch.zeros(B, E, device=scores_BTE.device, dtype=scores_BTE.dtype)
+    counts_BE.scatter_add_(1, topk_idx_BTK.reshape(B, T * K), torch.ones(B, T * K, device=scores_BTE.device))
+    f_BE = counts_BE * (E / (K * T))
+    return alpha * (f_BE * p_BE).sum(dim=-1).mean()
+
+
+class DeepseekV3MoE(nn.Module):
+    """DeepSeekMoE: `y = x_shared + sum_k g_k * expert_k(x)` over the K routed experts of each token."""
+
+    def __init__(self, config: DeepseekV3Config):
+        super().__init__()
+        self.config = config
+        self.gate = DeepseekV3TopkRouter(config)
+        self.experts = DeepseekV3Experts(config)
+        self.shared_experts = (
+            DeepseekV3MLP(config, intermediate_size=config.moe_intermediate_size * config.n_shared_experts)
+            if config.n_shared_experts
+            else None
+        )
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """hidden_states [B, T, D] -> (output [B, T, D], sequence balance loss or None outside training)."""
+        B, T, D = hidden_states.shape
+        x_TD = hidden_states.reshape(-1, D)
+        topk_idx, topk_weight, scores = self.gate(x_TD)
+        out = self.experts(x_TD, topk_idx, topk_weight).to(hidden_states.dtype).view(B, T, D)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(hidden_states)
+        aux_loss = None
+        if self.training and self.config.aux_loss_alpha > 0:
+            aux_loss = sequence_balance_loss(
+                scores.view(B, T, -1), topk_idx.view(B, T, -1), self.config.aux_loss_alpha, self.config.seq_aux
+            )
+        return out, aux_loss
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decoder layer and Multi-Token Prediction layer
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class DeepseekV3DecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm block: `h = x + MLA(norm(x))`, `out = h + FFN(norm(h))`, FFN dense or DeepSeekMoE."""
+
+    def __init__(self, config: DeepseekV3Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.self_attn = DeepseekV3Attention(config, layer_idx)
+        self.mlp = DeepseekV3MoE(config) if config.is_moe_layer(layer_idx) else DeepseekV3MLP(config)
+        self.input_layernorm = DeepseekV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = DeepseekV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_bias: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        use_absorbed: bool = False,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[B, T, D] -> ([B, T, D], balance loss of this layer or None)."""
+        residual = hidden_states
+        hidden_states = self.self_attn(
+            self.input_layernorm(hidden_states), position_embeddings, attention_bias, past_key_values, use_absorbed
+        )
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        ffn_out = self.mlp(self.post_attention_layernorm(hidden_states))
+        aux_loss = None
+        if isinstance(ffn_out, tuple):
+            ffn_out, aux_loss = ffn_out
+        return residual + ffn_out, aux_loss
+
+
+class DeepseekV3MTPSharedHead(nn.Module):
+    """The MTP output head: its own final norm; the projection is the main model's `lm_head` (shared)."""
+
+    def __init__(self, config: DeepseekV3Config):
+        super().__init__()
+        self.norm = DeepseekV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+
+class DeepseekV3MTPLayer(DeepseekV3DecoderLayer):
+    """Multi-Token Prediction module k (paper section 2.2), stored as `model.layers.{num_hidden_layers + k}`.
+
+    `h'_i = eh_proj([enorm(Emb(t_{i+k})) ; hnorm(h^{k-1}_i)])` (embedding first, as the official weights are read
+    by vLLM and SGLang), `h^k = TRM_k(h')`, logits `= lm_head(shared_head.norm(h^k))` predict `t_{i+k+1}`.
+    The embedding and `lm_head` are the main model's; the checkpoint's stored copies are skipped on load and
+    written back on save.
+    """
+
+    def __init__(self, config: DeepseekV3Config, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.enorm = DeepseekV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.hnorm = DeepseekV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+        self.shared_head = DeepseekV3MTPSharedHead(config)
+
+    def forward(
+        self,
+        input_embeds: torch.Tensor,
+        previous_hidden: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_bias: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        use_absorbed: bool = False,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """input_embeds [B, T, D] (embeddings of t_{i+k}), previous_hidden [B, T, D] (h^{k-1}_i) -> (h^k [B, T, D],
+        balance loss or None). Apply `shared_head.norm` and `lm_head` for the logits."""
+        h_prime = self.eh_proj(torch.cat((self.enorm(input_embeds), self.hnorm(previous_hidden)), dim=-1))
+        return super().forward(h_prime, position_embeddings, attention_bias, past_key_values, use_absorbed)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pretrained model, base model, causal LM
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DeepseekV3ModelOutputWithPast(BaseModelOutputWithPast):
+    """`BaseModelOutputWithPast` plus `aux_loss`: the summed sequence-wise balance loss of the MoE layers
+    (training only, None otherwise)."""
+
+    aux_loss: torch.FloatTensor | None = None
+
+
+@dataclass
+class DeepseekV3CausalLMOutputWithPast(CausalLMOutputWithPast):
+    """`CausalLMOutputWithPast` with the parts of `loss = lm_loss + mtp_loss + aux_loss` exposed.
+
+    lm_loss: next-token cross-entropy of the main model. mtp_loss: `lambda / D * sum_k CE_k` of the MTP modules
+    (None when they did not run). aux_loss: sequence-wise balance loss (training only). mtp_logits: one
+    [B, T - k, vocab] tensor per MTP depth k, position i predicting token i + k + 1.
+    """
+
+    lm_loss: torch.FloatTensor | None = None
+    mtp_loss: torch.FloatTensor | None = None
+    aux_loss: torch.FloatTensor | None = None
+    mtp_logits: tuple[torch.FloatTensor, ...] | None = None
+
+
+class DeepseekV3PreTrainedModel(PreTrainedModel):
+    config_class = DeepseekV3Config
+    config: DeepseekV3Config
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DeepseekV3DecoderLayer", "DeepseekV3MTPLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _supports_attention_backend = False
+    _can_compile_fullgraph = False
+    # The balancing bias decides top-k by differences far below bf16 resolution.
+    _keep_in_fp32_modules_strict = ["e_score_correction_bias"]
+    _keys_to_ignore_on_load_unexpected = [MTP_SHARED_COPY_PATTERN]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, DeepseekV3TopkRouter):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.e_score_correction_bias is not None:
+                init.zeros_(module.e_score_correction_bias)
+        elif isinstance(module, DeepseekV3Experts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
+        elif isinstance(module, DeepseekV3RotaryEmbedding):
+            inv_freq, _ = compute_rope_inv_freq(module.config)
+            init.copy_(module.inv_freq, inv_freq)
+
+    def save_pretrained(self, save_directory, *args, state_dict: dict | None = None, **kwargs):
+        """`PreTrainedModel.save_pretrained` in the official layout: per-expert keys (reverted by transformers'
+        conversion machinery) plus the MTP layers' copies of the shared embedding and head."""
+        if state_dict is None and self.config.num_nextn_predict_layers > 0:
+            state_dict = mtp_shared_copies(self, self.state_dict())
+        return super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
+
+
+class DeepseekV3Model(DeepseekV3PreTrainedModel):
+    """Embedding, `num_hidden_layers` decoder layers and the final norm. `layers` also holds the MTP modules at
+    indices `num_hidden_layers ...` (their official keys); the forward runs only the main layers."""
+
+    def __init__(self, config: DeepseekV3Config):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(
+            [DeepseekV3DecoderLayer(config, i) for i in range(config.num_hidden_layers)]
+            + [
+                DeepseekV3MTPLayer(config, config.num_hidden_layers + k)
+                for k in range(config.num_nextn_predict_layers)
+            ]
+        )
+        self.norm = DeepseekV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = DeepseekV3RotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @property
+    def mtp_layers(self) -> list[DeepseekV3MTPLayer]:
+        return list(self.layers[self.config.num_hidden_layers :])
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> DeepseekV3ModelOutputWithPast:
+        """Run the main decoder stack.
+
+        Args:
+            input_ids / inputs_embeds: [B, T] token ids or [B, T, D] embeddings (exactly one of them).
+            attention_mask: [B, S] padding mask over past + new tokens (1 = token), or a 4D mask.
+            position_ids: [B, T]; by default counted from the padding mask (left padding starts at 0) or from the
+                cache length.
+            past_key_values: a transformers `Cache`; layer i stores c_kv [B, 1, S, L] and k_pe [B, 1, S, R].
+        Returns `last_hidden_state` [B, T, D] (after the final norm), the cache and the balance loss.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("DeepseekV3Model.forward: pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self.gradient_checkpointing and self.training:
+            use_cache = False
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if not use_cache:
+            past_key_values = None
+
+        B, T, _ = inputs_embeds.shape
+        past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+        cache_position = torch.arange(past_seen, past_seen + T, device=inputs_embeds.device)
+        kv_length = past_key_values.get_mask_sizes(T, 0)[0] if past_key_values is not None else T
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask, cache_position, B)
+        # A static cache reports its length as a tensor (no host sync) and is longer than the tokens seen.
+        keys_are_exact = isinstance(past_seen, int) and kv_length == past_seen + T
+        attention_bias = build_attention_bias(
+            attention_mask, cache_position, kv_length, inputs_embeds.dtype, keys_are_exact
+        )
+        form = self.config.attention_form
+        use_absorbed = form == "absorbed" or (form == "auto" and past_seen > 0)
+
+        position_embeddings = self.rotary_emb(position_ids)
+        hidden_states = inputs_embeds
+        aux_loss = None
+        for layer in self.layers[: self.config.num_hidden_layers]:
+            hidden_states, layer_aux = layer(
+                hidden_states,
+                position_embeddings,
+                attention_bias,
+                past_key_values=past_key_values,
+                use_absorbed=use_absorbed,
+            )
+            if layer_aux is not None:
+                aux_loss = layer_aux if aux_loss is None else aux_loss + layer_aux
+        return DeepseekV3ModelOutputWithPast(
+            last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values, aux_loss=aux_loss
+        )
+
+
+def positions_from_mask(attention_mask: torch.Tensor | None, cache_position: torch.Tensor, batch_size: int):
+    """Position ids [B, T]: the count of real tokens before each token for a 2D padding mask (so a left-padded
+    sequence gets the positions it would have alone), else the cache positions."""
+    T = cache_position.shape[0]
+    if attention_mask is None or attention_mask.dim() != 2:
+        return cache_position[None].expand(batch_size, T)
+    positions = attention_mask.long().cumsum(-1) - 1
+    positions = positions.clamp(min=0)
+    end = int(cache_position[-1]) + 1
+    return positions[:, end - T : end]
+
+
+class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
+    """DeepSeek-V3 with the LM head, the MTP training objective and `generate()`."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: DeepseekV3Config):
+        super().__init__(config)
+        self.model = DeepseekV3Model(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, past_key_values, **kwargs):
+        """`generate()` with a static cache asks the model for its mask: the 2D padding mask is all the forward
+        needs (it builds the latent-attention bias itself)."""
+        return attention_mask
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> DeepseekV3CausalLMOutputWithPast:
+        """Logits [B, T, vocab] (or the last `logits_to_keep` positions) and, with `labels` [B, T] (-100 = ignore;
+        shifted inside as in every transformers causal LM), `loss = lm_loss + mtp_loss + aux_loss`.
+
+        The MTP modules run when labels are given, `num_nextn_predict_layers > 0` and `mtp_loss_weight > 0`: depth
+        k sees h^{k-1} at positions i < T - k and the embedding of token i + k, and is scored on token i + k + 1.
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+        )
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+
+        loss = lm_loss = mtp_loss = mtp_logits = None
+        aux_loss = outputs.aux_loss
+        if labels is not None:
+            lm_loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            loss = lm_loss
+            if self.config.num_nextn_predict_layers > 0 and self.config.mtp_loss_weight > 0:
+                mtp_loss, mtp_logits, mtp_aux = self._mtp_loss(
+                    input_ids, inputs_embeds, attention_mask, position_ids, hidden_states, labels
+                )
+                loss = loss + mtp_loss
+                if mtp_aux is not None:
+                    aux_loss = mtp_aux if aux_loss is None else aux_loss + mtp_aux
+            if aux_loss is not None:
+                loss = loss + aux_loss
+        return DeepseekV3CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            lm_loss=lm_loss,
+            mtp_loss=mtp_loss,
+            aux_loss=aux_loss,
+            mtp_logits=mtp_logits,
+        )
+
+    def _mtp_loss(self, input_ids, inputs_embeds, attention_mask, position_ids, hidden_states, labels):
+        """`lambda / D * sum_k CE_k` over the MTP depths (paper eq. 21-25), their logits and balance losses."""
+        config = self.config
+        B, T, _ = hidden_states.shape
+        if inputs_embeds is None:
+            inputs_embeds = self.model.embed_tokens(input_ids)
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask, torch.arange(T, device=hidden_states.device), B)
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError("DeepseekV3ForCausalLM: the MTP loss needs a 2D padding mask (or None) as attention_mask")
+        depth_losses, depth_logits, aux_loss = [], [], None
+        previous_hidden = hidden_states
+        for k, layer in enumerate(self.model.mtp_layers, start=1):
+            t_k = T - k
+            if t_k < 2:
+                break
+            mask_k = attention_mask[:, :t_k] if attention_mask is not None else None
+            cache_position = torch.arange(t_k, device=hidden_states.device)
+            previous_hidden, layer_aux = layer(
+                inputs_embeds[:, k:],
+                previous_hidden[:, :t_k],
+                self.model.rotary_emb(position_ids[:, :t_k]),
+                build_attention_bias(mask_k, cache_position, t_k, hidden_states.dtype),
+            )
+            logits_k = self.lm_head(layer.shared_head.norm(previous_hidden))
+            # labels[:, k:] shifted by one inside the loss: position i is scored on token i + k + 1.
+            depth_losses.append(self.loss_function(logits=logits_k, labels=labels[:, k:], vocab_size=config.vocab_size))
+            depth_logits.append(logits_k)
+            if layer_aux is not None:
+                aux_loss = layer_aux if aux_loss is None else aux_loss + layer_aux
+        if not depth_losses:
+            return None, None, None
+        mtp_loss = config.mtp_loss_weight / config.num_nextn_predict_layers * torch.stack(depth_losses).sum()
+        return mtp_loss, tuple(depth_logits), aux_loss
+
+
+__all__ = [
+    "DeepseekV3CausalLMOutputWithPast",
+    "DeepseekV3ForCausalLM",
+    "DeepseekV3Model",
+    "DeepseekV3ModelOutputWithPast",
+    "DeepseekV3PreTrainedModel",
+]

@@ -1,0 +1,127 @@
+"""Multi-head Latent Attention: absorbed vs naive form, the latent cache, and the transformers Cache API."""
+
+import pytest
+import torch
+import transformers
+from _helpers import random_model, relative_max_diff, tiny_config
+from transformers import DynamicCache
+
+
+def prompt(batch=2, length=12, seed=0):
+    return torch.randint(2, 512, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_absorbed_attention_equals_naive_attention_in_prefill_and_decode():
+    naive = random_model(tiny_config(attention_form="naive"), seed=3)
+    absorbed = random_model(tiny_config(attention_form="absorbed"), seed=3)
+    ids = prompt()
+    with torch.no_grad():
+        cache_n, cache_a = DynamicCache(config=naive.config), DynamicCache(config=absorbed.config)
+        out_n = naive(ids, past_key_values=cache_n)
+        out_a = absorbed(ids, past_key_values=cache_a)
+        assert relative_max_diff(out_a.logits, out_n.logits) < 1e-5
+        next_ids = prompt(length=3, seed=1)  # a 3-token continuation attends to the cached prompt
+        step_n = naive(next_ids, past_key_values=cache_n).logits
+        step_a = absorbed(next_ids, past_key_values=cache_a).logits
+    assert relative_max_diff(step_a, step_n) < 1e-5
+
+
+@pytest.mark.parametrize("form", ["naive", "absorbed"])
+def test_eager_and_sdpa_attention_agree(form):
+    eager = random_model(tiny_config(attention_form=form), seed=4)
+    eager.config._attn_implementation = "eager"
+    sdpa = random_model(tiny_config(attention_form=form), seed=4)
+    sdpa.config._attn_implementation = "sdpa"
+    ids = prompt()
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        a = eager(ids, attention_mask=mask).logits
+        b = sdpa(ids, attention_mask=mask).logits
+    assert relative_max_diff(a[0, 3:], b[0, 3:]) < 1e-5
+    assert relative_max_diff(a[1], b[1]) < 1e-5
+
+
+@pytest.mark.parametrize("dtype, nbytes", [(torch.float32, 4), (torch.bfloat16, 2)])
+def test_latent_cache_holds_kv_lora_rank_plus_rope_dims_per_token(dtype, nbytes):
+    config = tiny_config()
+    model = random_model(config, dtype=dtype)
+    ids = prompt(batch=3, length=7)
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).past_key_values
+    assert len(cache.layers) == config.num_hidden_layers
+    per_token_per_layer = config.kv_lora_rank + config.qk_rope_head_dim
+    for layer in cache.layers:
+        c_kv, k_pe = layer.keys, layer.values
+        assert c_kv.shape == (3, 1, 7, config.kv_lora_rank)
+        assert k_pe.shape == (3, 1, 7, config.qk_rope_head_dim)
+        total = c_kv.numel() * c_kv.element_size() + k_pe.numel() * k_pe.element_size()
+        assert total == 3 * 7 * per_token_per_layer * nbytes
+
+
+def test_cache_holds_the_normalized_latent_and_the_rotated_rope_key():
+    model = random_model(tiny_config())
+    ids = prompt(batch=1, length=5)
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).past_key_values
+        attn = model.model.layers[0].self_attn
+        x = model.model.layers[0].input_layernorm(model.model.embed_tokens(ids))
+        c_kv, k_pe = attn.kv_a_proj_with_mqa(x).split([attn.kv_lora_rank, attn.qk_rope_head_dim], dim=-1)
+        cos, sin = model.model.rotary_emb(torch.arange(5)[None])
+        from modeling_deepseek_v3.modeling_deepseek_v3 import apply_rotary_interleaved
+
+        torch.testing.assert_close(cache.layers[0].keys[:, 0], attn.kv_a_layernorm(c_kv))
+        torch.testing.assert_close(cache.layers[0].values[:, 0], apply_rotary_interleaved(k_pe, cos, sin))
+
+
+def test_static_cache_generation_equals_dynamic_cache_generation():
+    model = random_model(tiny_config(), seed=5)
+    ids = prompt()
+    kwargs = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, output_logits=True,
+                  return_dict_in_generate=True, attention_mask=torch.ones_like(ids), pad_token_id=0)
+    dynamic = model.generate(ids, **kwargs)
+    static = model.generate(ids, cache_implementation="static", **kwargs)
+    assert torch.equal(dynamic.sequences, static.sequences)
+    for a, b in zip(dynamic.logits, static.logits):
+        assert relative_max_diff(a, b) < 1e-5
+
+
+def test_left_padded_batch_generation_equals_one_by_one_generation():
+    model = random_model(tiny_config(), seed=6)
+    prompts = [prompt(1, n, seed=n)[0] for n in (9, 4, 6)]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = p
+        mask[row, width - len(p):] = 1
+    kwargs = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0,
+                  output_logits=True, return_dict_in_generate=True)
+    batched = model.generate(ids, attention_mask=mask, **kwargs)
+    for row, p in enumerate(prompts):
+        alone = model.generate(p[None], attention_mask=torch.ones(1, len(p), dtype=torch.long), **kwargs)
+        assert torch.equal(batched.sequences[row, width:], alone.sequences[0, len(p):]), f"prompt {row}"
+        for a, b in zip(batched.logits, alone.logits):
+            assert relative_max_diff(a[row], b[0]) < 1e-4
+
+
+def test_beam_search_matches_builtin(tmp_path):
+    model = random_model(tiny_config(), seed=7)
+    model.save_pretrained(tmp_path)
+    theirs = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ids = prompt(batch=2, length=6)
+    kwargs = dict(max_new_tokens=8, min_new_tokens=8, num_beams=3, do_sample=False, pad_token_id=0,
+                  attention_mask=torch.ones_like(ids))
+    assert torch.equal(model.generate(ids, **kwargs), theirs.generate(ids, **kwargs))
+
+
+def test_cropped_cache_continues_like_a_fresh_prefill():
+    model = random_model(tiny_config(), seed=8)
+    ids = prompt(batch=1, length=10)
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).past_key_values
+        cache.crop(-4)  # drop the last 4 tokens
+        assert cache.get_seq_length() == 6
+        continued = model(ids[:, 6:], past_key_values=cache).logits
+        fresh = model(ids).logits[:, 6:]
+    assert relative_max_diff(continued, fresh) < 1e-5

@@ -1,0 +1,156 @@
+"""DeepSeekMoE: routing against the paper's rule written out per token, grouped GEMM vs the eager loop."""
+
+import pytest
+import torch
+from _helpers import random_model, relative_max_diff, tiny_config
+
+from modeling_deepseek_v3.modeling_deepseek_v3 import (
+    DeepseekV3Experts,
+    DeepseekV3MLP,
+    DeepseekV3MoE,
+    DeepseekV3TopkRouter,
+    _grouped_mm,
+    sequence_balance_loss,
+)
+
+
+def route_one_token_by_the_paper(x, weight, bias, config):
+    """Sigmoid affinities; bias-adjusted top-2 sum per group; best topk_group groups; top-k there; weights are the
+    unbiased affinities normalized over the chosen experts times the routing scale. Plain Python per token."""
+    s = torch.sigmoid(x.double() @ weight.double().T).tolist()
+    biased = [si + bi for si, bi in zip(s, bias.double().tolist())]
+    per_group = config.n_routed_experts // config.n_group
+    groups = []
+    for g in range(config.n_group):
+        members = sorted(biased[g * per_group:(g + 1) * per_group], reverse=True)
+        groups.append((members[0] + members[1], g))
+    kept = {g for _, g in sorted(groups, reverse=True)[: config.topk_group]}
+    candidates = [(biased[e], e) for e in range(config.n_routed_experts) if e // per_group in kept]
+    chosen = [e for _, e in sorted(candidates, reverse=True)[: config.num_experts_per_tok]]
+    total = sum(s[e] for e in chosen)
+    return {e: s[e] / total * config.routed_scaling_factor for e in chosen}
+
+
+def test_router_matches_the_paper_rule_token_by_token():
+    config = tiny_config()
+    torch.manual_seed(0)
+    router = DeepseekV3TopkRouter(config)
+    torch.nn.init.normal_(router.weight, std=0.5)
+    router.e_score_correction_bias.normal_(0, 0.3)
+    x = torch.randn(64, config.hidden_size)
+    topk_idx, topk_weight, scores = router(x)
+    assert topk_weight.dtype == torch.float32 and scores.dtype == torch.float32
+    for t in range(x.shape[0]):
+        expected = route_one_token_by_the_paper(x[t], router.weight, router.e_score_correction_bias, config)
+        got = dict(zip(topk_idx[t].tolist(), topk_weight[t].tolist()))
+        assert set(got) == set(expected), f"token {t}"
+        for e in got:
+            assert got[e] == pytest.approx(expected[e], rel=1e-5)
+
+
+def test_correction_bias_selects_but_never_weights():
+    config = tiny_config()
+    router = DeepseekV3TopkRouter(config)
+    torch.nn.init.normal_(router.weight, std=0.5)
+    x = torch.randn(8, config.hidden_size)
+    with torch.no_grad():
+        router.e_score_correction_bias.zero_()
+        router.e_score_correction_bias[5] = 10.0  # expert 5 is always selected...
+        idx, weight, scores = router(x)
+    assert (idx == 5).any(dim=-1).all()
+    picked = weight[idx == 5]
+    norm = scores.gather(1, idx).sum(-1)
+    # ...but weighted by its unbiased affinity.
+    torch.testing.assert_close(picked, scores[:, 5] / norm * config.routed_scaling_factor)
+
+
+def test_group_limited_routing_only_uses_topk_groups():
+    config = tiny_config()
+    router = DeepseekV3TopkRouter(config)
+    torch.nn.init.normal_(router.weight, std=1.0)
+    idx, _, _ = router(torch.randn(128, config.hidden_size))
+    groups = idx // (config.n_routed_experts // config.n_group)
+    for row in groups:
+        assert len(set(row.tolist())) <= config.topk_group
+
+
+@pytest.mark.skipif(_grouped_mm is None, reason="this torch has no grouped_mm (torch < 2.8)")
+def test_grouped_mm_experts_equal_the_eager_loop():
+    config = tiny_config()
+    torch.manual_seed(1)
+    experts = DeepseekV3Experts(config)
+    torch.nn.init.normal_(experts.gate_up_proj, std=0.1)
+    torch.nn.init.normal_(experts.down_proj, std=0.1)
+    x = torch.randn(40, config.hidden_size)
+    # Some experts get no token at all, one gets many.
+    topk_idx = torch.randint(0, 6, (40, config.num_experts_per_tok))
+    topk_idx[:, 0] = 3
+    topk_weight = torch.rand(40, config.num_experts_per_tok)
+    eager = experts._forward_eager(x, topk_idx, topk_weight)
+    grouped = experts._forward_grouped_mm(x, topk_idx, topk_weight)
+    assert relative_max_diff(grouped, eager) < 1e-5
+
+
+@pytest.mark.skipif(_grouped_mm is None, reason="this torch has no grouped_mm (torch < 2.8)")
+def test_grouped_mm_model_equals_eager_model():
+    eager = random_model(tiny_config(moe_implementation="eager"), seed=2)
+    grouped = random_model(tiny_config(moe_implementation="grouped_mm"), seed=2)
+    ids = torch.randint(2, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert relative_max_diff(grouped(ids).logits, eager(ids).logits) < 1e-5
+
+
+def test_eager_experts_match_per_expert_linear_layers():
+    config = tiny_config()
+    torch.manual_seed(3)
+    experts = DeepseekV3Experts(config)
+    torch.nn.init.normal_(experts.gate_up_proj, std=0.1)
+    torch.nn.init.normal_(experts.down_proj, std=0.1)
+    x = torch.randn(10, config.hidden_size)
+    topk_idx = torch.stack([torch.randperm(config.n_routed_experts)[: config.num_experts_per_tok] for _ in range(10)])
+    topk_weight = torch.rand(10, config.num_experts_per_tok)
+    I = config.moe_intermediate_size
+    expected = torch.zeros(10, config.hidden_size)
+    for t in range(10):
+        for k in range(config.num_experts_per_tok):
+            e = topk_idx[t, k]
+            gate, up = experts.gate_up_proj[e, :I], experts.gate_up_proj[e, I:]
+            h = torch.nn.functional.silu(x[t] @ gate.T) * (x[t] @ up.T)
+            expected[t] += topk_weight[t, k] * (h @ experts.down_proj[e].T)
+    torch.testing.assert_close(experts._forward_eager(x, topk_idx, topk_weight), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_first_k_dense_replace_layers_are_dense_and_the_rest_moe():
+    config = tiny_config(num_hidden_layers=4, first_k_dense_replace=2)
+    model = random_model(config)
+    kinds = [type(layer.mlp) for layer in model.model.layers]
+    assert kinds == [DeepseekV3MLP, DeepseekV3MLP, DeepseekV3MoE, DeepseekV3MoE, DeepseekV3MoE]  # + MTP layer
+    shared = model.model.layers[2].mlp.shared_experts
+    assert shared.gate_proj.out_features == config.moe_intermediate_size * config.n_shared_experts
+
+
+def test_sequence_balance_loss_matches_its_definition():
+    B, T, E, K, alpha = 2, 5, 8, 2, 0.01
+    torch.manual_seed(4)
+    scores = torch.rand(B, T, E)
+    topk_idx = torch.stack([torch.stack([torch.randperm(E)[:K] for _ in range(T)]) for _ in range(B)])
+    expected = 0.0
+    for b in range(B):
+        for i in range(E):
+            f_i = E / (K * T) * sum(int(i in topk_idx[b, t].tolist()) for t in range(T))
+            p_i = sum((scores[b, t, i] / scores[b, t].sum()).item() for t in range(T)) / T
+            expected += alpha * f_i * p_i
+    expected /= B
+    assert sequence_balance_loss(scores, topk_idx, alpha, per_sequence=True).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_balance_loss_only_in_training_and_off_at_alpha_zero():
+    model = random_model(tiny_config(aux_loss_alpha=0.01))
+    ids = torch.randint(2, 512, (2, 12))
+    assert model(ids, labels=ids).aux_loss is None
+    model.train()
+    out = model(ids, labels=ids)
+    assert out.aux_loss is not None and out.aux_loss > 0
+    torch.testing.assert_close(out.loss, out.lm_loss + out.mtp_loss + out.aux_loss)
+    off = random_model(tiny_config(aux_loss_alpha=0.0)).train()
+    assert off(ids, labels=ids).aux_loss is None
