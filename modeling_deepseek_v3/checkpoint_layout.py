@@ -19,6 +19,9 @@ machinery (the one its built-in MoE models use), which applies it on `from_pretr
 `save_pretrained`, shard by shard and with `device_map`.
 """
 
+import re
+from dataclasses import dataclass
+
 import torch
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
@@ -26,12 +29,96 @@ from transformers.core_model_loading import Concatenate, MergeModulelist, Weight
 # Keys of the MTP layers that hold copies of weights shared with the main model (regex, matched on load).
 MTP_SHARED_COPY_PATTERN = r"(^|\.)layers\.\d+\.(embed_tokens|shared_head\.head)\.weight$"
 
+# Official per-expert projection -> (fused in-memory parameter, half of gate_up_proj: 0 gate rows, 1 up rows).
+EXPERT_PROJECTIONS = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1), "down_proj": ("down_proj", None)}
+_EXPERT_KEY = re.compile(r"(?P<prefix>.*\.mlp\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of the official checkpoint: its shape, whether the FP8 release block-quantizes it (and so stores
+    a `weight_scale_inv` beside it), and whether it is kept in float32."""
+
+    shape: tuple
+    fp8: bool = False
+    float32: bool = False
+
+
+def official_tensor_specs(config) -> dict:
+    """Every tensor of an official-layout checkpoint for `config`, by name (REFERENCE.md sections 1-2), without
+    the `weight_scale_inv` companions. Quantized (`fp8=True`): every nn.Linear inside decoder and MTP layers
+    except `eh_proj`; embeddings, heads, norms, the router and its bias stay high precision."""
+    D, V = config.hidden_size, config.vocab_size
+    H = config.num_attention_heads
+    qk_head_dim = config.qk_nope_head_dim + config.qk_rope_head_dim
+    specs = {
+        "model.embed_tokens.weight": TensorSpec((V, D)),
+        "model.norm.weight": TensorSpec((D,)),
+        "lm_head.weight": TensorSpec((V, D)),
+    }
+
+    def mlp(prefix, width):
+        specs[f"{prefix}.gate_proj.weight"] = TensorSpec((width, D), fp8=True)
+        specs[f"{prefix}.up_proj.weight"] = TensorSpec((width, D), fp8=True)
+        specs[f"{prefix}.down_proj.weight"] = TensorSpec((D, width), fp8=True)
+
+    for layer in range(config.num_hidden_layers + config.num_nextn_predict_layers):
+        p = f"model.layers.{layer}"
+        specs[f"{p}.input_layernorm.weight"] = TensorSpec((D,))
+        specs[f"{p}.post_attention_layernorm.weight"] = TensorSpec((D,))
+        a = f"{p}.self_attn"
+        if config.q_lora_rank is None:
+            specs[f"{a}.q_proj.weight"] = TensorSpec((H * qk_head_dim, D), fp8=True)
+        else:
+            specs[f"{a}.q_a_proj.weight"] = TensorSpec((config.q_lora_rank, D), fp8=True)
+            specs[f"{a}.q_a_layernorm.weight"] = TensorSpec((config.q_lora_rank,))
+            specs[f"{a}.q_b_proj.weight"] = TensorSpec((H * qk_head_dim, config.q_lora_rank), fp8=True)
+        specs[f"{a}.kv_a_proj_with_mqa.weight"] = TensorSpec((config.kv_lora_rank + config.qk_rope_head_dim, D), fp8=True)
+        specs[f"{a}.kv_a_layernorm.weight"] = TensorSpec((config.kv_lora_rank,))
+        specs[f"{a}.kv_b_proj.weight"] = TensorSpec(
+            (H * (config.qk_nope_head_dim + config.v_head_dim), config.kv_lora_rank), fp8=True
+        )
+        specs[f"{a}.o_proj.weight"] = TensorSpec((D, H * config.v_head_dim), fp8=True)
+        if config.is_moe_layer(layer):
+            specs[f"{p}.mlp.gate.weight"] = TensorSpec((config.n_routed_experts, D))
+            if config.topk_method == "noaux_tc":
+                specs[f"{p}.mlp.gate.e_score_correction_bias"] = TensorSpec((config.n_routed_experts,), float32=True)
+            for e in range(config.n_routed_experts):
+                mlp(f"{p}.mlp.experts.{e}", config.moe_intermediate_size)
+            if config.n_shared_experts:
+                mlp(f"{p}.mlp.shared_experts", config.moe_intermediate_size * config.n_shared_experts)
+        else:
+            mlp(f"{p}.mlp", config.intermediate_size)
+        if layer >= config.num_hidden_layers:
+            specs[f"{p}.enorm.weight"] = TensorSpec((D,))
+            specs[f"{p}.hnorm.weight"] = TensorSpec((D,))
+            specs[f"{p}.eh_proj.weight"] = TensorSpec((D, 2 * D))
+            specs[f"{p}.embed_tokens.weight"] = TensorSpec((V, D))
+            specs[f"{p}.shared_head.norm.weight"] = TensorSpec((D,))
+            specs[f"{p}.shared_head.head.weight"] = TensorSpec((V, D))
+    return specs
+
+
+def is_mtp_shared_copy(key: str) -> bool:
+    return re.search(MTP_SHARED_COPY_PATTERN, key) is not None
+
+
+def official_key_to_parameter(key: str) -> tuple:
+    """Map an official key to (in-memory parameter name, expert index or None, gate_up half or None):
+    `...mlp.experts.17.up_proj.weight` -> (`...mlp.experts.gate_up_proj`, 17, 1); other keys map to themselves."""
+    match = _EXPERT_KEY.fullmatch(key)
+    if match is None:
+        return key, None, None
+    param, half = EXPERT_PROJECTIONS[match["proj"]]
+    return f"{match['prefix']}.{param}", int(match["expert"]), half
+
 
 def official_expert_layout() -> list:
     """The routed-expert merge of the table above, as transformers `WeightConverter`s (checkpoint -> memory)."""
+    gate_up = sorted((half, proj) for proj, (param, half) in EXPERT_PROJECTIONS.items() if param == "gate_up_proj")
     return [
         WeightConverter(
-            source_patterns=["mlp.experts.*.gate_proj.weight", "mlp.experts.*.up_proj.weight"],
+            source_patterns=[f"mlp.experts.*.{proj}.weight" for _, proj in gate_up],
             target_patterns="mlp.experts.gate_up_proj",
             operations=[MergeModulelist(dim=0), Concatenate(dim=1)],
         ),
@@ -74,4 +161,14 @@ def mtp_shared_copies(model, state_dict: dict) -> dict:
     return out
 
 
-__all__ = ["MTP_SHARED_COPY_PATTERN", "mtp_shared_copies", "official_expert_layout", "register_official_layout"]
+__all__ = [
+    "EXPERT_PROJECTIONS",
+    "MTP_SHARED_COPY_PATTERN",
+    "TensorSpec",
+    "is_mtp_shared_copy",
+    "mtp_shared_copies",
+    "official_expert_layout",
+    "official_key_to_parameter",
+    "official_tensor_specs",
+    "register_official_layout",
+]

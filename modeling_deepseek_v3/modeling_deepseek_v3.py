@@ -13,12 +13,13 @@ heads), q_nope/q_pe, W_UK/W_UV (the key and value halves of kv_b_proj), h' and e
 """
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
@@ -27,6 +28,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from .checkpoint_layout import MTP_SHARED_COPY_PATTERN, mtp_shared_copies, register_official_layout
 from .configuration_deepseek_v3 import DeepseekV3Config, yarn_get_mscale
+from .official_checkpoint import fp8_quantization_config, load_fp8_checkpoint
 
 register_official_layout()
 
@@ -625,12 +627,73 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
             inv_freq, _ = compute_rope_inv_freq(module.config)
             init.copy_(module.inv_freq, inv_freq)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, plus the official FP8 release.
+
+        A checkpoint whose config says `quantization_config.quant_method == "fp8"` (DeepSeek-V3, R1, V3-0324,
+        V3.1 as published) is loaded by this package's streaming dequantizer (`official_checkpoint.py`): every
+        FP8 weight becomes `fp8 * weight_scale_inv` on the 128x128 ceil grid, computed in float32 and rounded
+        once to `dtype` (bfloat16 by default, or float32), one shard at a time, placed by `device_map` (None, a
+        device, "auto"/"balanced"/"sequential" with `max_memory`, or a dict). The result is a plain model whose
+        config no longer has a `quantization_config`. Everything else goes to transformers unchanged, and so does
+        an FP8 checkpoint when the caller passes its own `quantization_config`.
+        """
+        config = kwargs.get("config")
+        if not isinstance(config, PretrainedConfig):  # a path or None: peek at config.json
+            hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+            config = cls.config_class.from_pretrained(config or pretrained_model_name_or_path, **hub_kwargs)
+        if fp8_quantization_config(config) is None or kwargs.get("quantization_config") is not None:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        if model_args:
+            raise TypeError("from_pretrained: positional model arguments are not supported for FP8 checkpoints")
+        return _load_fp8(cls, pretrained_model_name_or_path, config, dict(kwargs))
+
     def save_pretrained(self, save_directory, *args, state_dict: dict | None = None, **kwargs):
         """`PreTrainedModel.save_pretrained` in the official layout: per-expert keys (reverted by transformers'
         conversion machinery) plus the MTP layers' copies of the shared embedding and head."""
         if state_dict is None and self.config.num_nextn_predict_layers > 0:
             state_dict = mtp_shared_copies(self, self.state_dict())
         return super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
+
+
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
+_IGNORED_FP8_KWARGS = ("low_cpu_mem_usage", "trust_remote_code", "use_safetensors", "code_revision", "adapter_kwargs")
+
+
+def _load_fp8(model_class, name_or_path, config, kwargs):
+    """The FP8 branch of `from_pretrained`: resolve the folder and keyword arguments, then stream-load."""
+    kwargs.pop("config", None)
+    dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
+    if dtype in (None, "auto"):
+        dtype = torch.bfloat16
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if dtype not in (torch.bfloat16, torch.float32, torch.float16):
+        raise ValueError(f"from_pretrained(dtype=...): expected bfloat16, float32 or float16 for an FP8 checkpoint, found {dtype}")
+    device_map = kwargs.pop("device_map", None)
+    max_memory = kwargs.pop("max_memory", None)
+    attn_implementation = kwargs.pop("attn_implementation", None)
+    hub_kwargs = {k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs}
+    for key in _IGNORED_FP8_KWARGS + tuple(k for k in kwargs if k.startswith("_")):
+        kwargs.pop(key, None)
+    for key, value in kwargs.items():
+        if not hasattr(config, key):
+            raise TypeError(f"from_pretrained: unexpected keyword argument {key!r} (FP8 checkpoint)")
+        setattr(config, key, value)
+    if attn_implementation is not None:
+        config._attn_implementation = attn_implementation
+    folder = str(name_or_path)
+    if not os.path.isdir(folder):
+        from huggingface_hub import snapshot_download
+
+        subfolder = hub_kwargs.pop("subfolder", None)
+        allow = ["*.json", "*.safetensors", "*.py", "*token*", "*.model", "*.txt"]
+        folder = snapshot_download(folder, allow_patterns=allow, **hub_kwargs)
+        if subfolder:
+            folder = os.path.join(folder, subfolder)
+    elif hub_kwargs.get("subfolder"):
+        folder = os.path.join(folder, hub_kwargs["subfolder"])
+    return load_fp8_checkpoint(model_class, folder, config, dtype, device_map, max_memory)
 
 
 class DeepseekV3Model(DeepseekV3PreTrainedModel):

@@ -35,3 +35,50 @@ def random_model(config: DeepseekV3Config, seed: int = 0, dtype=torch.float32) -
 def relative_max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| relative to the magnitude of b (the 'logit scale')."""
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1e-12)).item()
+
+
+def block_crossing_config(**overrides):
+    """A small config whose projections span several 128x128 FP8 blocks with partial edge blocks (160, 176 and
+    200 rows/columns), like the real kv_a_proj_with_mqa (576 rows on a 5-row grid)."""
+    fields = dict(hidden_size=160, kv_lora_rank=160, q_lora_rank=200, moe_intermediate_size=136,
+                  intermediate_size=264, num_attention_heads=2, num_key_value_heads=2, qk_nope_head_dim=32,
+                  qk_rope_head_dim=16, v_head_dim=32, vocab_size=300, n_routed_experts=8, n_group=4, topk_group=2,
+                  num_experts_per_tok=2, num_hidden_layers=2, first_k_dense_replace=1)
+    fields.update(overrides)
+    return tiny_config(**fields)
+
+
+def dequantize_by_blocks(weight_fp8, scale_inv):
+    """Reference dequantization written block by block (independent of modeling_deepseek_v3.fp8)."""
+    out = torch.empty(weight_fp8.shape, dtype=torch.float32)
+    rows, cols = weight_fp8.shape
+    for bi in range(0, rows, 128):
+        for bj in range(0, cols, 128):
+            block = weight_fp8[bi:bi + 128, bj:bj + 128].to(torch.float32)
+            out[bi:bi + 128, bj:bj + 128] = block * scale_inv[bi // 128, bj // 128].to(torch.float32)
+    return out
+
+
+def write_dequantized_twin(official: dict, fp8_folder, twin_folder):
+    """The non-quantized twin of an FP8 checkpoint: every FP8 weight replaced by its exact float32 dequantization,
+    scales dropped, config without quantization_config."""
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    twin_folder = Path(twin_folder)
+    twin_folder.mkdir(parents=True, exist_ok=True)
+    twin = {}
+    for key, tensor in official.items():
+        if key.endswith("_scale_inv"):
+            continue
+        if tensor.dtype == torch.float8_e4m3fn:
+            twin[key] = dequantize_by_blocks(tensor, official[key + "_scale_inv"])
+        else:
+            twin[key] = tensor.to(torch.float32).clone()
+    save_file(twin, str(twin_folder / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((Path(fp8_folder) / "config.json").read_text())
+    config.pop("quantization_config")
+    (twin_folder / "config.json").write_text(json.dumps(config))
+    return twin
