@@ -113,6 +113,46 @@ def official_key_to_parameter(key: str) -> tuple:
     return f"{match['prefix']}.{param}", int(match["expert"]), half
 
 
+# The official inference ("mp") format of deepseek-ai/DeepSeek-V3 `inference/convert.py` (REFERENCE.md section 6):
+# module leaf -> (name in that format, dim split across model-parallel ranks or None for replicated). Routed
+# experts are never split: expert e goes whole to rank e // (E / MP).
+INFERENCE_LEAVES = {
+    "embed_tokens": ("embed", 0), "input_layernorm": ("attn_norm", None), "post_attention_layernorm": ("ffn_norm", None),
+    "q_proj": ("wq", 0), "q_a_proj": ("wq_a", None), "q_a_layernorm": ("q_norm", None), "q_b_proj": ("wq_b", 0),
+    "kv_a_proj_with_mqa": ("wkv_a", None), "kv_a_layernorm": ("kv_norm", None), "kv_b_proj": ("wkv_b", 0),
+    "o_proj": ("wo", 1), "gate": ("gate", None), "gate_proj": ("w1", 0), "down_proj": ("w2", 1), "up_proj": ("w3", 0),
+    "norm": ("norm", None), "lm_head": ("head", 0),
+}
+INFERENCE_CONTAINERS = {"self_attn": "attn", "mlp": "ffn"}
+INFERENCE_TENSORS = {"weight": "weight", "weight_scale_inv": "scale", "e_score_correction_bias": "bias"}
+
+
+def to_inference_name(key: str) -> tuple:
+    """Official HF key -> (inference-format name, split dim or None, routed expert index or None)."""
+    parts = key.removeprefix("model.").split(".")
+    leaf = parts[-2]
+    if leaf not in INFERENCE_LEAVES or parts[-1] not in INFERENCE_TENSORS:
+        raise KeyError(f"{key}: no name in the official inference format")
+    new_leaf, dim = INFERENCE_LEAVES[leaf]
+    expert = None
+    if "experts" in parts and "shared_experts" not in parts:
+        expert, dim = int(parts[parts.index("experts") + 1]), None
+    renamed = [INFERENCE_CONTAINERS.get(p, p) for p in parts[:-2]] + [new_leaf, INFERENCE_TENSORS[parts[-1]]]
+    return ".".join(renamed), dim, expert
+
+
+def from_inference_name(name: str) -> str:
+    """Inference-format name -> official HF key (inverse of `to_inference_name`)."""
+    leaves = {v[0]: k for k, v in INFERENCE_LEAVES.items()}
+    containers = {v: k for k, v in INFERENCE_CONTAINERS.items()}
+    tensors = {v: k for k, v in INFERENCE_TENSORS.items()}
+    parts = name.split(".")
+    if len(parts) < 2 or parts[-2] not in leaves or parts[-1] not in tensors:
+        raise KeyError(f"{name}: not a name of the official inference format")
+    key = ".".join([containers.get(p, p) for p in parts[:-2]] + [leaves[parts[-2]], tensors[parts[-1]]])
+    return key if key.startswith("lm_head.") else "model." + key
+
+
 def official_expert_layout() -> list:
     """The routed-expert merge of the table above, as transformers `WeightConverter`s (checkpoint -> memory)."""
     gate_up = sorted((half, proj) for proj, (param, half) in EXPERT_PROJECTIONS.items() if param == "gate_up_proj")
@@ -163,6 +203,9 @@ def mtp_shared_copies(model, state_dict: dict) -> dict:
 
 __all__ = [
     "EXPERT_PROJECTIONS",
+    "INFERENCE_LEAVES",
+    "from_inference_name",
+    "to_inference_name",
     "MTP_SHARED_COPY_PATTERN",
     "TensorSpec",
     "is_mtp_shared_copy",
