@@ -27,7 +27,7 @@ import torch
 from .checkpoint_layout import from_inference_name, official_tensor_specs, to_inference_name
 from .configuration_deepseek_v3 import DeepseekV3Config
 from .fp8 import BLOCK_SIZE, FP8_DTYPE, SCALE_DTYPES, dequantize_fp8_block, scale_grid_shape
-from .safetensors_io import SafetensorsFormatError, SafetensorsWriter, read_header, read_tensor
+from .safetensors_io import SafetensorsFormatError, SafetensorsWriter, nbytes_of, read_bytes, read_header, read_tensor
 
 INDEX_NAME = "model.safetensors.index.json"
 SCALE_SUFFIX = "_scale_inv"
@@ -81,19 +81,54 @@ class SourceCheckpoint:
     def entry(self, key):
         return self.headers[self.weight_map[key]][key]
 
-    def read(self, key) -> torch.Tensor:
+    def _handle(self, key):
         filename = self.weight_map[key]
         handles = self._local.__dict__.setdefault("handles", {})
         if filename not in handles:
             handles[filename] = open(self.folder / filename, "rb")
+        return handles[filename], self.folder / filename
+
+    def read(self, key) -> torch.Tensor:
+        handle, path = self._handle(key)
         try:
-            return read_tensor(handles[filename], self.folder / filename, key, self.entry(key))
+            return read_tensor(handle, path, key, self.entry(key))
+        except SafetensorsFormatError as error:
+            raise ConversionError(str(error)) from None
+
+    def convert_in_parts(self, key, dtype_out, writer: SafetensorsWriter, part_bytes: int = 32 * 1024**2):
+        """Write tensor `key` to `writer` in `dtype_out`, reading and converting a slice of rows at a time
+        (FP8 weights: one 128-row block row, dequantized with its scales), so a thread holds a few MB however large
+        the tensor. Yields the source bytes done after each part."""
+        entry = self.entry(key)
+        handle, path = self._handle(key)
+        shape = entry.shape
+        row_bytes = entry.nbytes // shape[0] if shape and shape[0] else entry.nbytes
+        if entry.dtype == FP8_DTYPE:
+            scale = self.read(key + SCALE_SUFFIX)  # its grid was checked against the weight by the plan
+            rows_per_part = BLOCK_SIZE
+        else:
+            rows_per_part = max(1, part_bytes // max(1, row_bytes))
+        out_row_bytes = nbytes_of(dtype_out, shape[1:]) if shape else nbytes_of(dtype_out, ())
+        buffer = _thread_buffer(self._local, "read", min(entry.nbytes, rows_per_part * row_bytes) or 1)
+        n_rows = shape[0] if shape else 1
+        try:
+            for first in range(0, n_rows, rows_per_part):
+                rows = min(rows_per_part, n_rows - first)
+                raw = read_bytes(handle, path, key, entry, first * row_bytes, buffer[: rows * row_bytes])
+                part = raw.view(entry.dtype).view((rows,) + tuple(shape[1:])) if shape else raw.view(entry.dtype).view(())
+                if entry.dtype == FP8_DTYPE:
+                    part = dequantize_fp8_block(part, scale[first // BLOCK_SIZE : first // BLOCK_SIZE + 1], dtype_out, name=key)
+                elif part.dtype != dtype_out:
+                    part = part.to(dtype_out)
+                writer.write_part(key, first * out_row_bytes, part)
+                yield rows * row_bytes
         except SafetensorsFormatError as error:
             raise ConversionError(str(error)) from None
 
     def close_thread_handles(self):
         for handle in self._local.__dict__.pop("handles", {}).values():
             handle.close()
+        self._local.__dict__.pop("buffers", None)
 
     def config(self) -> dict:
         path = self.folder / "config.json"
@@ -103,6 +138,14 @@ class SourceCheckpoint:
             return json.loads(path.read_text())
         except json.JSONDecodeError as error:
             raise ConversionError(f"{path}: not valid JSON ({error})") from None
+
+
+def _thread_buffer(local, name: str, nbytes: int) -> torch.Tensor:
+    """A per-thread uint8 buffer of at least `nbytes`, grown (by 25% steps) and reused across tensors."""
+    buffers = local.__dict__.setdefault("buffers", {})
+    if name not in buffers or buffers[name].numel() < nbytes:
+        buffers[name] = torch.empty(int(nbytes * 1.25) + 64, dtype=torch.uint8)
+    return buffers[name][:nbytes]
 
 
 def _model_config(config_dict: dict, source) -> DeepseekV3Config:
@@ -208,15 +251,10 @@ def fp8_to_bf16(src, dst, dtype: str = "bf16", overwrite: bool = False, workers:
             tmp = partial / f"{filename}.tmp"
             writer = SafetensorsWriter(tmp, plan[filename], metadata={"format": "pt"})
             try:
-                for key in plan[filename]:
-                    tensor = source.read(key)
-                    if tensor.dtype == FP8_DTYPE:
-                        value = dequantize_fp8_block(tensor, source.read(key + SCALE_SUFFIX), out_dtype, name=key)
-                    else:
-                        value = tensor.to(plan[filename][key][0])
-                    writer.write(key, value)
-                    with lock:
-                        bar.update(source.entry(key).nbytes)
+                for key, (dtype_out, shape) in plan[filename].items():
+                    for nbytes in source.convert_in_parts(key, dtype_out, writer):
+                        with lock:
+                            bar.update(nbytes)
                 writer.close()
             except BaseException:
                 writer.abort()

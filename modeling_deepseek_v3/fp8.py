@@ -24,15 +24,6 @@ def scale_grid_shape(weight_shape, block_size: int = BLOCK_SIZE) -> tuple[int, i
     return math.ceil(out_features / block_size), math.ceil(in_features / block_size)
 
 
-def expand_scales(scale_inv: torch.Tensor, weight_shape, block_size: int = BLOCK_SIZE) -> torch.Tensor:
-    """Float32 [out, in] tensor holding each element's block scale (partial edge blocks cut to size)."""
-    out_features, in_features = weight_shape
-    scale = scale_inv.to(torch.float32)
-    return scale.repeat_interleave(block_size, dim=0)[:out_features].repeat_interleave(block_size, dim=1)[
-        :, :in_features
-    ]
-
-
 def check_fp8_pair(weight: torch.Tensor, scale_inv: torch.Tensor, name: str, block_size: int = BLOCK_SIZE) -> None:
     """Raise ValueError naming `name` unless `weight` is 2D float8_e4m3fn and `scale_inv` is a float32 (or e8m0)
     tensor on the ceil grid of its shape."""
@@ -54,12 +45,22 @@ def dequantize_fp8_block(
     dtype: torch.dtype = torch.bfloat16,
     name: str = "weight",
     block_size: int = BLOCK_SIZE,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Exact block dequantization: `weight` [out, in] float8_e4m3fn, `scale_inv` [ceil(out/b), ceil(in/b)] ->
-    [out, in] in `dtype`, computed in float32 and rounded once. Validates shapes and dtypes (errors name `name`)."""
+    [out, in] in `dtype`, computed in float32 and rounded once. Validates shapes and dtypes (errors name `name`).
+    `out`, if given, is a preallocated [out, in] tensor of `dtype` to write into (the converters reuse one)."""
     check_fp8_pair(weight, scale_inv, name, block_size)
-    dequantized = weight.to(torch.float32) * expand_scales(scale_inv, weight.shape, block_size)
-    return dequantized if dtype == torch.float32 else dequantized.to(dtype)
+    out_features, in_features = weight.shape
+    if out is None:
+        out = torch.empty(out_features, in_features, dtype=dtype, device=weight.device)
+    # One row of blocks at a time: the float32 temporary is block_size rows, not the whole matrix, and each
+    # element is converted, multiplied and rounded in a single pass.
+    column_scales = scale_inv.to(torch.float32).repeat_interleave(block_size, dim=1)[:, :in_features]
+    for block_row in range(scale_inv.shape[0]):
+        rows = slice(block_row * block_size, min((block_row + 1) * block_size, out_features))
+        out[rows] = weight[rows].to(torch.float32) * column_scales[block_row]
+    return out
 
 
 def quantize_fp8_block(weight: torch.Tensor, block_size: int = BLOCK_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,7 +82,6 @@ __all__ = [
     "FP8_DTYPE",
     "check_fp8_pair",
     "dequantize_fp8_block",
-    "expand_scales",
     "quantize_fp8_block",
     "scale_grid_shape",
 ]

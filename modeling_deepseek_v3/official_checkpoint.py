@@ -92,6 +92,10 @@ class CheckpointReader:
         except Exception as error:
             raise CheckpointError(f"{path}: cannot read tensor {key} ({error})") from None
 
+    def release(self, filename: str) -> None:
+        """Unmap `filename` (its pages stop counting in this process's memory); it reopens on the next read."""
+        self._handles.pop(filename, None)
+
     def __contains__(self, key: str) -> bool:
         return key in self.weight_map
 
@@ -250,6 +254,7 @@ def load_fp8_checkpoint(model_class, folder, config, dtype=torch.bfloat16, devic
                 raise CheckpointError(f"{reader.folder / filename}: tensor {key}: expected shape {tuple(target.shape)}, found {tuple(value.shape)}")
             target.copy_(value)
             fused_filled[param_name].add((expert, half))
+        reader.release(filename)
     reader.close()
 
     for param_name, filled in fused_filled.items():

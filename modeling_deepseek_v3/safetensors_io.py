@@ -83,15 +83,27 @@ def read_header(path) -> tuple[dict, dict]:
     return entries, metadata
 
 
-def read_tensor(f, path, name: str, entry: TensorEntry) -> torch.Tensor:
-    """Read one tensor from the open binary file `f` (of `path`) with a plain read: no memory map stays behind."""
-    buffer = bytearray(entry.nbytes)
-    f.seek(entry.begin)
-    if f.readinto(buffer) != entry.nbytes:
-        raise SafetensorsFormatError(f"{path}: tensor {name}: short read (truncated file?)")
+def read_tensor(f, path, name: str, entry: TensorEntry, buffer: torch.Tensor | None = None) -> torch.Tensor:
+    """Read one tensor from the open binary file `f` (of `path`) with a plain read: no memory map stays behind.
+
+    With `buffer` (a 1D uint8 tensor of at least `entry.nbytes`), the tensor is a view of it: fresh allocations
+    of hundreds of MB cost more in page faults than the read itself, so the converters reuse one per thread.
+    """
     if entry.nbytes == 0:
         return torch.empty(entry.shape, dtype=entry.dtype)
-    return torch.frombuffer(buffer, dtype=torch.uint8).view(entry.dtype).reshape(entry.shape)
+    target = torch.empty(entry.nbytes, dtype=torch.uint8) if buffer is None else buffer[: entry.nbytes]
+    f.seek(entry.begin)
+    if f.readinto(target.numpy()) != entry.nbytes:
+        raise SafetensorsFormatError(f"{path}: tensor {name}: short read (truncated file?)")
+    return target.view(entry.dtype).reshape(entry.shape)
+
+
+def read_bytes(f, path, name: str, entry: TensorEntry, start: int, buffer: torch.Tensor) -> torch.Tensor:
+    """Read bytes [start, start + len(buffer)) of tensor `name` into the uint8 tensor `buffer` and return it."""
+    f.seek(entry.begin + start)
+    if start + buffer.numel() > entry.nbytes or f.readinto(buffer.numpy()) != buffer.numel():
+        raise SafetensorsFormatError(f"{path}: tensor {name}: short read at byte {start} (truncated file?)")
+    return buffer
 
 
 class SafetensorsWriter:
@@ -125,10 +137,21 @@ class SafetensorsWriter:
         begin, (dtype, shape) = self._layout[name]
         if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
             raise ValueError(f"{self.path}: tensor {name}: expected {dtype} {list(shape)}, got {tensor.dtype} {list(tensor.shape)}")
-        self._file.seek(self._data_start + begin)
-        if tensor.numel():
-            self._file.write(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
-        self._pending.discard(name)
+        self.write_part(name, 0, tensor)
+
+    def write_part(self, name: str, start: int, data: torch.Tensor) -> None:
+        """Write the bytes of `data` at byte `start` of tensor `name`. A tensor counts as written once its last
+        byte is (parts are written in order by the converters)."""
+        begin, (dtype, shape) = self._layout[name]
+        raw = data.detach().cpu().contiguous().view(-1).view(torch.uint8)
+        end = start + raw.numel()
+        if end > nbytes_of(dtype, shape):
+            raise ValueError(f"{self.path}: tensor {name}: write past its {nbytes_of(dtype, shape)} bytes")
+        self._file.seek(self._data_start + begin + start)
+        if raw.numel():
+            self._file.write(raw.numpy())
+        if end == nbytes_of(dtype, shape):
+            self._pending.discard(name)
 
     def close(self) -> None:
         if self._pending:
@@ -143,4 +166,13 @@ class SafetensorsWriter:
             self._file.close()
 
 
-__all__ = ["DTYPES", "SafetensorsFormatError", "SafetensorsWriter", "TensorEntry", "nbytes_of", "read_header", "read_tensor"]
+__all__ = [
+    "DTYPES",
+    "SafetensorsFormatError",
+    "SafetensorsWriter",
+    "TensorEntry",
+    "nbytes_of",
+    "read_bytes",
+    "read_header",
+    "read_tensor",
+]

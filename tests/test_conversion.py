@@ -93,16 +93,14 @@ def test_refuses_non_empty_destination_without_overwrite(release, tmp_path, caps
 def test_interrupted_conversion_resumes_and_skips_verified_shards(release, tmp_path, monkeypatch):
     src = release[0]
     dst = tmp_path / "bf16"
-    original_write = SafetensorsWriter.write
-    calls = {"n": 0}
+    original_write = SafetensorsWriter.write_part
 
-    def failing_write(self, name, tensor):
+    def failing_write(self, name, start, tensor):
         if "model-00002" in self.path.name:
             raise KeyboardInterrupt  # the user presses Ctrl-C during the second shard
-        calls["n"] += 1
-        return original_write(self, name, tensor)
+        return original_write(self, name, start, tensor)
 
-    monkeypatch.setattr(SafetensorsWriter, "write", failing_write)
+    monkeypatch.setattr(SafetensorsWriter, "write_part", failing_write)
     with pytest.raises(KeyboardInterrupt):
         convert_module.fp8_to_bf16(src, dst, workers=1, progress=False)
     assert not dst.exists()
@@ -111,7 +109,7 @@ def test_interrupted_conversion_resumes_and_skips_verified_shards(release, tmp_p
     assert first.exists() and not (partial / "model-00002-of-00003.safetensors").exists()
     stamp = first.stat().st_mtime_ns
 
-    monkeypatch.setattr(SafetensorsWriter, "write", original_write)
+    monkeypatch.setattr(SafetensorsWriter, "write_part", original_write)
     convert_module.fp8_to_bf16(src, dst, workers=1, progress=False)
     assert (dst / "model-00001-of-00003.safetensors").stat().st_mtime_ns == stamp  # kept, not redone
     assert verify(dst) == [] and not partial.exists()
@@ -166,10 +164,10 @@ def test_bad_input_stops_with_a_message_and_no_complete_looking_output(release, 
 
 
 def test_disk_full_is_reported_and_leaves_no_destination(release, tmp_path, monkeypatch, capsys):
-    def no_space(self, name, tensor):
+    def no_space(self, name, start, tensor):
         raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
 
-    monkeypatch.setattr(SafetensorsWriter, "write", no_space)
+    monkeypatch.setattr(SafetensorsWriter, "write_part", no_space)
     assert run("fp8-to-bf16", release[0], tmp_path / "out", "--no-progress") == 1
     err = capsys.readouterr().err
     assert "No space left on device" in err and "model-0000" in err

@@ -214,3 +214,18 @@ def test_mtp_layer_can_be_skipped_or_missing(fp8_checkpoint, tmp_path):
     assert torch.equal(loaded.model.layers[1].self_attn.o_proj.weight, twin["model.layers.1.self_attn.o_proj.weight"])
     eh_proj = loaded.model.layers[2].eh_proj.weight
     assert eh_proj.device.type == "cpu" and torch.isfinite(eh_proj).all() and eh_proj.std() > 0
+
+
+@pytest.mark.parametrize("shape", [(576, 7168 // 8), (128, 128), (5, 300), (257, 129)])
+def test_dequantize_matches_the_blockwise_reference_on_partial_blocks(shape):
+    from _helpers import dequantize_by_blocks
+
+    from modeling_deepseek_v3.fp8 import dequantize_fp8_block, quantize_fp8_block
+
+    weight = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.05
+    q, scale = quantize_fp8_block(weight)
+    assert scale.shape == (-(-shape[0] // 128), -(-shape[1] // 128))
+    reference = dequantize_by_blocks(q, scale)
+    assert torch.equal(dequantize_fp8_block(q, scale, torch.float32), reference)
+    assert torch.equal(dequantize_fp8_block(q, scale, torch.bfloat16), reference.to(torch.bfloat16))
+    assert (reference - weight).abs().max() <= weight.abs().max() / 8  # fp8 keeps ~3 mantissa bits
