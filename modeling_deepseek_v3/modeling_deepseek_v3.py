@@ -12,6 +12,7 @@ Paper names: c_kv (normalized KV latent, what the cache stores), k_pe (the one r
 heads), q_nope/q_pe, W_UK/W_UV (the key and value halves of kv_b_proj), h' and eh_proj (MTP input projection).
 """
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -323,9 +324,10 @@ class DeepseekV3TopkRouter(nn.Module):
     5. Weights: the unbiased `s` of the chosen experts, normalized to sum 1, times `routed_scaling_factor`.
     """
 
-    def __init__(self, config: DeepseekV3Config):
+    def __init__(self, config: DeepseekV3Config, layer_idx: int | None = None):
         super().__init__()
         self.config = config
+        self.layer_idx = layer_idx
         self.top_k = config.num_experts_per_tok
         self.n_routed_experts = config.n_routed_experts
         self.n_group = config.n_group or 1
@@ -335,6 +337,10 @@ class DeepseekV3TopkRouter(nn.Module):
             self.register_buffer("e_score_correction_bias", torch.zeros(self.n_routed_experts, dtype=torch.float32))
         else:
             self.e_score_correction_bias = None
+        # Tokens routed to each expert since the last `update_expert_bias()`: counted in training forwards (and
+        # under `tracking_expert_load()`), with a scatter-add that needs no host sync.
+        self.register_buffer("expert_load", torch.zeros(self.n_routed_experts, dtype=torch.float32), persistent=False)
+        self.track_load = False
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x_TD [T, D] -> (topk_idx [T, K] int64, topk_weight [T, K] float32, scores [T, E] float32)."""
@@ -358,6 +364,11 @@ class DeepseekV3TopkRouter(nn.Module):
             keep_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool).scatter_(1, group_idx, True)
             choice_TE = choice_TGe.masked_fill(~keep_TG[..., None], float("-inf")).view(T, -1)
         topk_idx_TK = choice_TE.topk(self.top_k, dim=-1, sorted=False).indices
+        if self.training or self.track_load:
+            with torch.no_grad():
+                self.expert_load.scatter_add_(
+                    0, topk_idx_TK.reshape(-1), torch.ones(topk_idx_TK.numel(), device=topk_idx_TK.device)
+                )
 
         topk_weight_TK = scores_TE.gather(1, topk_idx_TK)
         if self.config.norm_topk_prob and self.top_k > 1:
@@ -385,6 +396,7 @@ class DeepseekV3Experts(nn.Module):
         )
         self.down_proj = nn.Parameter(torch.empty(self.num_experts, config.hidden_size, config.moe_intermediate_size))
         self.act_fn = ACT2FN[config.hidden_act]
+        self.register_load_state_dict_pre_hook(_fuse_official_expert_keys)
 
     def forward(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor) -> torch.Tensor:
         """x_TD [T, D], topk_idx_TK [T, K], topk_weight_TK [T, K] float32 -> float32 [T, D], the weighted sum of
@@ -438,6 +450,35 @@ class DeepseekV3Experts(nn.Module):
         return out_TD.index_add_(0, token, weighted)
 
 
+def _fuse_official_expert_keys(module, state_dict, prefix, *args):
+    """`load_state_dict` pre-hook: accept the official per-expert keys (`{prefix}{e}.gate_proj.weight`, ...), as in
+    a checkpoint written by `save_pretrained` (tools such as Trainer's resume load those with `load_state_dict`).
+
+    With every expert of the layer present they become the fused tensors; a shard holding only some of them (a
+    sharded `strict=False` load) is copied into the matching slices in place."""
+    n, rows = module.num_experts, module.gate_up_proj.shape[1] // 2
+    names = [f"{prefix}{e}.{proj}.weight" for e in range(n) for proj in ("gate_proj", "up_proj", "down_proj")]
+    present = [name for name in names if name in state_dict]
+    if not present:
+        return
+    if len(present) == len(names):
+        state_dict[f"{prefix}gate_up_proj"] = torch.stack(
+            [torch.cat([state_dict.pop(f"{prefix}{e}.gate_proj.weight"), state_dict.pop(f"{prefix}{e}.up_proj.weight")])
+             for e in range(n)]
+        )
+        state_dict[f"{prefix}down_proj"] = torch.stack([state_dict.pop(f"{prefix}{e}.down_proj.weight") for e in range(n)])
+        return
+    with torch.no_grad():
+        for name in present:
+            expert, proj = name[len(prefix) :].split(".")[:2]
+            value = state_dict.pop(name)
+            if proj == "down_proj":
+                module.down_proj[int(expert)].copy_(value)
+            else:
+                half = 0 if proj == "gate_proj" else 1
+                module.gate_up_proj[int(expert), half * rows : (half + 1) * rows].copy_(value)
+
+
 def sequence_balance_loss(
     scores_BTE: torch.Tensor, topk_idx_BTK: torch.Tensor, alpha: float, per_sequence: bool
 ) -> torch.Tensor:
@@ -462,10 +503,10 @@ def sequence_balance_loss(
 class DeepseekV3MoE(nn.Module):
     """DeepSeekMoE: `y = x_shared + sum_k g_k * expert_k(x)` over the K routed experts of each token."""
 
-    def __init__(self, config: DeepseekV3Config):
+    def __init__(self, config: DeepseekV3Config, layer_idx: int | None = None):
         super().__init__()
         self.config = config
-        self.gate = DeepseekV3TopkRouter(config)
+        self.gate = DeepseekV3TopkRouter(config, layer_idx)
         self.experts = DeepseekV3Experts(config)
         self.shared_experts = (
             DeepseekV3MLP(config, intermediate_size=config.moe_intermediate_size * config.n_shared_experts)
@@ -501,7 +542,7 @@ class DeepseekV3DecoderLayer(GradientCheckpointingLayer):
         super().__init__()
         self.layer_idx = layer_idx
         self.self_attn = DeepseekV3Attention(config, layer_idx)
-        self.mlp = DeepseekV3MoE(config) if config.is_moe_layer(layer_idx) else DeepseekV3MLP(config)
+        self.mlp = DeepseekV3MoE(config, layer_idx) if config.is_moe_layer(layer_idx) else DeepseekV3MLP(config)
         self.input_layernorm = DeepseekV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = DeepseekV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -536,6 +577,12 @@ class DeepseekV3MTPSharedHead(nn.Module):
         self.norm = DeepseekV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
 
+def _drop_mtp_shared_copies(module, state_dict, prefix, *args):
+    """`load_state_dict` pre-hook: the checkpoint's copies of the shared embedding and head are not parameters."""
+    for name in ("embed_tokens.weight", "shared_head.head.weight"):
+        state_dict.pop(prefix + name, None)
+
+
 class DeepseekV3MTPLayer(DeepseekV3DecoderLayer):
     """Multi-Token Prediction module k (paper section 2.2), stored as `model.layers.{num_hidden_layers + k}`.
 
@@ -551,6 +598,7 @@ class DeepseekV3MTPLayer(DeepseekV3DecoderLayer):
         self.hnorm = DeepseekV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
         self.shared_head = DeepseekV3MTPSharedHead(config)
+        self.register_load_state_dict_pre_hook(_drop_mtp_shared_copies)
 
     def forward(
         self,
@@ -618,6 +666,7 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
         std = self.config.initializer_range
         if isinstance(module, DeepseekV3TopkRouter):
             init.normal_(module.weight, mean=0.0, std=std)
+            init.zeros_(module.expert_load)
             if module.e_score_correction_bias is not None:
                 init.zeros_(module.e_score_correction_bias)
         elif isinstance(module, DeepseekV3Experts):
@@ -649,12 +698,81 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
             raise TypeError("from_pretrained: positional model arguments are not supported for FP8 checkpoints")
         return _load_fp8(cls, pretrained_model_name_or_path, config, dict(kwargs))
 
+    def expert_routers(self) -> list:
+        """The routers of every MoE layer (MTP layers included), in layer order."""
+        return [m for m in self.modules() if isinstance(m, DeepseekV3TopkRouter)]
+
+    @contextlib.contextmanager
+    def tracking_expert_load(self):
+        """Count routed tokens per expert in this block even outside training (for evaluation statistics)."""
+        routers = self.expert_routers()
+        previous = [router.track_load for router in routers]
+        for router in routers:
+            router.track_load = True
+        try:
+            yield self
+        finally:
+            for router, flag in zip(routers, previous):
+                router.track_load = flag
+
+    @torch.no_grad()
+    def expert_load_statistics(self, reset: bool = False) -> dict:
+        """Load balance of the tokens counted since the last reset: per layer `layer_{i}/max_over_mean_load`
+        (busiest expert's token count over the mean) and `layer_{i}/bias_norm`, and overall `max_over_mean_load`
+        (mean over layers), `max_over_mean_load_worst`, `bias_norm` and `tokens_routed`. Counts are summed over
+        data-parallel ranks when torch.distributed is initialized."""
+        stats, ratios, bias_sq, tokens = {}, [], 0.0, 0.0
+        for router in self.expert_routers():
+            load = _all_reduced(router.expert_load)
+            total = float(load.sum())
+            ratio = float(load.max() / load.mean()) if total > 0 else float("nan")
+            bias = router.e_score_correction_bias
+            bias_norm = float(bias.norm()) if bias is not None else 0.0
+            stats[f"layer_{router.layer_idx}/max_over_mean_load"] = ratio
+            stats[f"layer_{router.layer_idx}/bias_norm"] = bias_norm
+            if total > 0:
+                ratios.append(ratio)
+            bias_sq += bias_norm**2
+            tokens += total
+            if reset:
+                router.expert_load.zero_()
+        stats["max_over_mean_load"] = sum(ratios) / len(ratios) if ratios else float("nan")
+        stats["max_over_mean_load_worst"] = max(ratios) if ratios else float("nan")
+        stats["bias_norm"] = bias_sq**0.5
+        stats["tokens_routed"] = tokens
+        return stats
+
+    @torch.no_grad()
+    def update_expert_bias(self) -> dict:
+        """The auxiliary-loss-free balancing step (paper section 2.1.2), to call after every optimizer step.
+
+        For every MoE layer, with `load_i` the tokens routed to expert i since the last call (all micro-batches of
+        the step, summed over data-parallel ranks): `b_i += gamma * sign(mean(load) - load_i)`, gamma =
+        `config.bias_update_speed` (0 keeps the bias and still reports). Resets the counts and returns
+        `expert_load_statistics()` of the step (measured before the update).
+        """
+        gamma = self.config.bias_update_speed
+        for router in self.expert_routers():
+            load = _all_reduced(router.expert_load)
+            if gamma and router.e_score_correction_bias is not None and load.sum() > 0:
+                router.e_score_correction_bias.add_(torch.sign(load.mean() - load), alpha=gamma)
+        stats = self.expert_load_statistics(reset=True)
+        return stats
+
     def save_pretrained(self, save_directory, *args, state_dict: dict | None = None, **kwargs):
         """`PreTrainedModel.save_pretrained` in the official layout: per-expert keys (reverted by transformers'
         conversion machinery) plus the MTP layers' copies of the shared embedding and head."""
         if state_dict is None and self.config.num_nextn_predict_layers > 0:
             state_dict = mtp_shared_copies(self, self.state_dict())
         return super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
+
+
+def _all_reduced(load: torch.Tensor) -> torch.Tensor:
+    """`load` summed over the ranks of the default process group (itself when not distributed)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        load = load.clone()
+        torch.distributed.all_reduce(load)
+    return load
 
 
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
@@ -867,14 +985,20 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         if labels is not None:
             lm_loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
             loss = lm_loss
+            # Under gradient accumulation the Trainer passes the token count of the whole step and does not
+            # divide by the number of micro-batches: every term is weighted by this micro-batch's share of tokens.
+            num_items = kwargs.get("num_items_in_batch")
             if self.config.num_nextn_predict_layers > 0 and self.config.mtp_loss_weight > 0:
                 mtp_loss, mtp_logits, mtp_aux = self._mtp_loss(
-                    input_ids, inputs_embeds, attention_mask, position_ids, hidden_states, labels
+                    input_ids, inputs_embeds, attention_mask, position_ids, hidden_states, labels, num_items
                 )
-                loss = loss + mtp_loss
+                if mtp_loss is not None:
+                    loss = loss + mtp_loss
                 if mtp_aux is not None:
                     aux_loss = mtp_aux if aux_loss is None else aux_loss + mtp_aux
             if aux_loss is not None:
+                if num_items is not None:
+                    aux_loss = aux_loss * (labels[:, 1:] != -100).sum() / num_items
                 loss = loss + aux_loss
         return DeepseekV3CausalLMOutputWithPast(
             loss=loss,
@@ -886,7 +1010,7 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
             mtp_logits=mtp_logits,
         )
 
-    def _mtp_loss(self, input_ids, inputs_embeds, attention_mask, position_ids, hidden_states, labels):
+    def _mtp_loss(self, input_ids, inputs_embeds, attention_mask, position_ids, hidden_states, labels, num_items=None):
         """`lambda / D * sum_k CE_k` over the MTP depths (paper eq. 21-25), their logits and balance losses."""
         config = self.config
         B, T, _ = hidden_states.shape
@@ -912,7 +1036,11 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
             )
             logits_k = self.lm_head(layer.shared_head.norm(previous_hidden))
             # labels[:, k:] shifted by one inside the loss: position i is scored on token i + k + 1.
-            depth_losses.append(self.loss_function(logits=logits_k, labels=labels[:, k:], vocab_size=config.vocab_size))
+            depth_losses.append(
+                self.loss_function(
+                    logits=logits_k, labels=labels[:, k:], vocab_size=config.vocab_size, num_items_in_batch=num_items
+                )
+            )
             depth_logits.append(logits_k)
             if layer_aux is not None:
                 aux_loss = layer_aux if aux_loss is None else aux_loss + layer_aux

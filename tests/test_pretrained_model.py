@@ -14,7 +14,7 @@ def test_init_weights_covers_every_tensor():
     std = config.initializer_range
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
         assert torch.isfinite(tensor).all(), name
-        if name.endswith("e_score_correction_bias"):
+        if name.endswith(("e_score_correction_bias", "expert_load")):
             assert tensor.dtype == torch.float32 and (tensor == 0).all(), name
         elif "norm" in name:
             assert (tensor == 1).all(), name

@@ -1,0 +1,150 @@
+"""Training: the auxiliary-loss-free bias update, its statistics, and the Trainer integration."""
+
+import json
+
+import pytest
+import torch
+from _helpers import random_model, tiny_config
+from torch.utils.data import Dataset
+from transformers import TrainingArguments
+
+from modeling_deepseek_v3.training import DeepseekV3Trainer, MTPLossWeightSchedule
+
+
+def skewed_model(bias_update_speed, seed=0):
+    """Every token's hidden state shares one direction d, and the routers' first experts align with d (bias-free
+    init): most tokens go to the same few experts."""
+    model = random_model(tiny_config(bias_update_speed=bias_update_speed, aux_loss_alpha=0.0, mtp_loss_weight=0.0),
+                         seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    d = torch.randn(model.config.hidden_size, generator=generator)
+    d = d / d.norm()
+    with torch.no_grad():
+        model.model.embed_tokens.weight.normal_(0.0, 0.5, generator=generator)
+        model.model.embed_tokens.weight += d
+        for router in model.expert_routers():
+            router.e_score_correction_bias.zero_()
+            router.weight.normal_(0.0, 0.1, generator=generator)
+            router.weight[:4] += 0.5 * d
+    return model
+
+
+def balance_after_steps(model, steps, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _ in range(steps):
+            model.train()
+            model(torch.randint(2, 512, (4, 32), generator=generator))
+            stats = model.update_expert_bias()
+    return stats
+
+
+def test_bias_update_balances_a_skewed_router_and_gamma_zero_does_not():
+    first = balance_after_steps(skewed_model(0.01), 1)
+    on = balance_after_steps(skewed_model(0.01), 60)
+    off = balance_after_steps(skewed_model(0.0), 60)
+    assert first["max_over_mean_load"] > 2.5  # the skew is real (4.0 = every token on the same 4 of 16 experts)
+    assert on["max_over_mean_load"] < 0.6 * first["max_over_mean_load"]
+    assert off["max_over_mean_load"] > 0.9 * first["max_over_mean_load"]
+    assert off["bias_norm"] == 0.0 and on["bias_norm"] > 0.0
+
+
+def test_update_follows_the_sign_rule_and_resets_the_counts():
+    model = skewed_model(0.5)
+    model.train()
+    with torch.no_grad():
+        model(torch.randint(2, 512, (2, 16)))
+    router = model.expert_routers()[0]
+    load = router.expert_load.clone()
+    before = router.e_score_correction_bias.clone()
+    stats = model.update_expert_bias()
+    torch.testing.assert_close(router.e_score_correction_bias, before + 0.5 * torch.sign(load.mean() - load))
+    assert (router.expert_load == 0).all()
+    assert stats[f"layer_{router.layer_idx}/max_over_mean_load"] == pytest.approx((load.max() / load.mean()).item())
+    main_moe_layers = len(model.expert_routers()) - model.config.num_nextn_predict_layers  # MTP runs with labels
+    assert stats["tokens_routed"] == 2 * 16 * model.config.num_experts_per_tok * main_moe_layers  # this step's count
+
+
+def test_counts_cover_every_micro_batch_so_4x1_equals_1x4():
+    data = torch.randint(2, 512, (4, 24), generator=torch.Generator().manual_seed(3))
+    biases = []
+    for micro_batches in (data.split(1), [data]):
+        model = skewed_model(0.01, seed=4).train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        for batch in micro_batches:
+            model(batch, labels=batch).loss.backward()
+        optimizer.step()
+        model.update_expert_bias()
+        biases.append(torch.cat([r.e_score_correction_bias.clone() for r in model.expert_routers()]))
+    assert torch.equal(biases[0], biases[1])
+
+
+def test_eval_forwards_count_only_when_tracking():
+    model = random_model(tiny_config())
+    ids = torch.randint(2, 512, (2, 8))
+    with torch.no_grad():
+        model(ids)
+        assert model.expert_load_statistics()["tokens_routed"] == 0
+        with model.tracking_expert_load():
+            model(ids)
+    stats = model.expert_load_statistics(reset=True)
+    n_moe_layers = len(model.expert_routers()) - model.config.num_nextn_predict_layers  # MTP runs only with labels
+    assert stats["tokens_routed"] == 2 * 8 * model.config.num_experts_per_tok * n_moe_layers
+    assert model.expert_load_statistics()["tokens_routed"] == 0
+
+
+class RepeatedText(Dataset):
+    def __init__(self, n=32, length=32):
+        generator = torch.Generator().manual_seed(0)
+        base = torch.randint(2, 512, (4, length), generator=generator)
+        self.rows = [base[i % 4] for i in range(n)]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.rows[i], "labels": self.rows[i]}
+
+
+def make_trainer(model, output_dir, **kwargs):
+    args = TrainingArguments(output_dir=str(output_dir), per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                             learning_rate=3e-3, logging_steps=2, save_steps=4, report_to=[], use_cpu=True,
+                             seed=0, **kwargs)
+    return DeepseekV3Trainer(model=model, args=args, train_dataset=RepeatedText(), mtp_loss_weight_schedule=[(0, 0.3), (3, 0.1)])
+
+
+def test_trainer_lowers_the_loss_and_logs_parts_and_load_statistics(tmp_path):
+    model = random_model(tiny_config(aux_loss_alpha=0.01, bias_update_speed=0.001), seed=5)
+    trainer = make_trainer(model, tmp_path, max_steps=8)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert logs[-1]["loss"] < logs[0]["loss"]
+    for key in ("lm_loss", "mtp_loss", "aux_loss", "expert_load/max_over_mean_load", "expert_load/bias_norm"):
+        assert key in logs[0], key
+    assert logs[-1]["mtp_loss"] > 0 and model.config.mtp_loss_weight == 0.1  # the schedule moved on
+    first_log = logs[0]
+    assert first_log["loss"] == pytest.approx(first_log["lm_loss"] + first_log["mtp_loss"] + first_log["aux_loss"], rel=1e-3)
+    assert any(r.e_score_correction_bias.abs().sum() > 0 for r in model.expert_routers())
+
+
+def test_trainer_checkpoint_resume_restores_weights_and_biases_exactly(tmp_path):
+    model = random_model(tiny_config(bias_update_speed=0.01), seed=6)
+    make_trainer(model, tmp_path, max_steps=4).train()
+    checkpoint = tmp_path / "checkpoint-4"
+    assert (checkpoint / "model.safetensors").exists()
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    fresh = random_model(tiny_config(bias_update_speed=0.01), seed=99)
+    trainer = make_trainer(fresh, tmp_path, max_steps=4)
+    trainer._load_from_checkpoint(str(checkpoint))
+    for key, tensor in saved.items():
+        assert torch.equal(fresh.state_dict()[key], tensor), key
+    assert any(r.e_score_correction_bias.abs().sum() > 0 for r in fresh.expert_routers())
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+
+
+def test_mtp_weight_schedule_picks_the_last_started_phase():
+    schedule = MTPLossWeightSchedule([(0, 0.3), (100, 0.1)])
+    assert schedule.weight_at(0) == 0.3 and schedule.weight_at(99) == 0.3 and schedule.weight_at(100) == 0.1
+    with pytest.raises(ValueError, match="starting at step 0"):
+        MTPLossWeightSchedule([(5, 0.3)])
