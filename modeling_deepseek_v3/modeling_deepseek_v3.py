@@ -439,8 +439,10 @@ class DeepseekV3Experts(nn.Module):
         flat_expert = topk_idx_TK.reshape(-1)
         order = torch.argsort(flat_expert, stable=True)
         token = order // K
-        # Group ends as int32 offsets, computed on the device: no host sync.
-        offsets = torch.cumsum(torch.bincount(flat_expert, minlength=self.num_experts), dim=0).to(torch.int32)
+        # Group ends as int32 offsets, computed on the device with a scatter-add (bincount syncs on CUDA).
+        counts = torch.zeros(self.num_experts, dtype=torch.int32, device=x_TD.device)
+        counts.scatter_add_(0, flat_expert, torch.ones_like(flat_expert, dtype=torch.int32))
+        offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
         x_sorted = x_TD[token]
         gate_up = _grouped_mm(x_sorted, self.gate_up_proj.transpose(1, 2), offs=offsets)
         gate, up = gate_up.chunk(2, dim=-1)
@@ -878,8 +880,10 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
             past_key_values = None
 
         B, T, _ = inputs_embeds.shape
+        # A static cache reports its length as a device tensor: everything below stays on the device (no host
+        # sync), so the decode step can be captured in a CUDA graph.
         past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
-        cache_position = torch.arange(past_seen, past_seen + T, device=inputs_embeds.device)
+        cache_position = torch.arange(T, device=inputs_embeds.device) + past_seen
         kv_length = past_key_values.get_mask_sizes(T, 0)[0] if past_key_values is not None else T
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask, cache_position, B)
@@ -889,7 +893,8 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
             attention_mask, cache_position, kv_length, inputs_embeds.dtype, keys_are_exact
         )
         form = self.config.attention_form
-        use_absorbed = form == "absorbed" or (form == "auto" and past_seen > 0)
+        has_past = T == 1 or (isinstance(past_seen, int) and past_seen > 0)
+        use_absorbed = form == "absorbed" or (form == "auto" and past_key_values is not None and has_past)
 
         position_embeddings = self.rotary_emb(position_ids)
         hidden_states = inputs_embeds
@@ -910,15 +915,14 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
 
 
 def positions_from_mask(attention_mask: torch.Tensor | None, cache_position: torch.Tensor, batch_size: int):
-    """Position ids [B, T]: the count of real tokens before each token for a 2D padding mask (so a left-padded
-    sequence gets the positions it would have alone), else the cache positions."""
+    """Position ids [B, T]: the count of real tokens before each token for a 2D padding mask over past + new
+    tokens (the transformers convention: so a left-padded sequence gets the positions it would have alone), else
+    the cache positions."""
     T = cache_position.shape[0]
     if attention_mask is None or attention_mask.dim() != 2:
         return cache_position[None].expand(batch_size, T)
-    positions = attention_mask.long().cumsum(-1) - 1
-    positions = positions.clamp(min=0)
-    end = int(cache_position[-1]) + 1
-    return positions[:, end - T : end]
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    return positions[:, -T:]
 
 
 class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):

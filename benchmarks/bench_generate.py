@@ -1,0 +1,164 @@
+"""Prefill and decode speed: this package's DeepseekV3ForCausalLM against transformers' built-in, same weights.
+
+Builds the preset (default: the V3-Lite shape) with random bf16 weights on the GPU, measures our model, moves its
+weights to host memory, builds transformers' built-in `DeepseekV3ForCausalLM` from the same state dict, measures
+it, and prints both with the ratio and the hardware floor. Rows:
+
+- prefill T tokens, batch 1: tokens/s (CUDA events, median of `--repeats`);
+- decode batch B at context C: ms per generated token in a greedy loop over `model(...)` with a cache (the loop
+  `generate()` runs), default dynamic cache, after a prefill of C tokens;
+- the floor: bytes of the active parameters per token (attention, dense/shared MLPs, K routed experts per MoE
+  layer, the LM head) read once, over the device-to-device copy bandwidth measured here.
+
+    python benchmarks/bench_generate.py --preset deepseek-v3-lite --prefill 4096 --context 1024 --decode-steps 32
+"""
+
+import argparse
+import gc
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+from modeling_deepseek_v3 import DeepseekV3Config, DeepseekV3ForCausalLM
+
+PRESETS = Path(__file__).resolve().parent.parent / "configuration"
+
+
+def copy_bandwidth(nbytes=2 * 1024**3) -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write counted)."""
+    a = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(10):
+        start.record()
+        b.copy_(a)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del a, b
+    return 2 * nbytes / statistics.median(times)
+
+
+def active_bytes_per_token(config: DeepseekV3Config, model) -> int:
+    """Parameter bytes one decode token must read: everything except the routed experts not chosen."""
+    total = 0
+    for name, p in model.named_parameters():
+        if name.startswith(f"model.layers.{config.num_hidden_layers}") or "embed_tokens" in name:
+            continue  # MTP layer (unused in decode), embedding (one row gathered)
+        nbytes = p.numel() * p.element_size()
+        if ".mlp.experts." in name:
+            nbytes = nbytes * config.num_experts_per_tok // config.n_routed_experts
+        total += nbytes
+    return total
+
+
+def timed(fn, repeats: int) -> float:
+    """Median seconds of `fn()` over `repeats` runs (one warm-up), CUDA-event timed."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def measure(model, args, vocab) -> dict:
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    results = {}
+    prompt = torch.randint(2, vocab, (1, args.prefill), device="cuda", generator=generator)
+    seconds = timed(lambda: model(prompt, use_cache=False, logits_to_keep=1), args.repeats)
+    results["prefill"] = {"tokens_per_s": args.prefill / seconds, "ms": seconds * 1e3}
+    torch.cuda.reset_peak_memory_stats()
+
+    for batch in args.batch:
+        context = torch.randint(2, vocab, (batch, args.context), device="cuda", generator=generator)
+
+        def decode():
+            out = model(context, use_cache=True, logits_to_keep=1)
+            cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(args.decode_steps):
+                out = model(token, past_key_values=cache, use_cache=True)
+                token = out.logits[:, -1].argmax(-1, keepdim=True)
+            torch.cuda.synchronize()
+            return (time.perf_counter() - start) / args.decode_steps
+
+        decode()
+        step = statistics.median(decode() for _ in range(args.repeats))
+        results[f"decode_b{batch}"] = {"ms_per_token": step * 1e3, "tokens_per_s": batch / step}
+    results["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return results
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="deepseek-v3-lite")
+    parser.add_argument("--layers", type=int, default=None, help="cut the preset to this many layers")
+    parser.add_argument("--prefill", type=int, default=4096)
+    parser.add_argument("--context", type=int, default=1024)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1])
+    parser.add_argument("--decode-steps", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", help="write the numbers here")
+    args = parser.parse_args()
+
+    fields = json.loads((PRESETS / f"{args.preset}.json").read_text())
+    if args.layers:
+        fields["num_hidden_layers"] = args.layers
+    config = DeepseekV3Config(**fields)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        ours = DeepseekV3ForCausalLM._from_config(config, dtype=torch.bfloat16).eval()
+    floor_bytes = active_bytes_per_token(config, ours)
+    bandwidth = copy_bandwidth()
+    rows = {"ours": measure(ours, args, config.vocab_size)}
+    state = {k: v.to("cpu") for k, v in ours.state_dict().items()}
+    del ours
+    gc.collect()
+    torch.cuda.empty_cache()
+
+    builtin_config = transformers.DeepseekV3Config.from_dict(config.to_dict())
+    with torch.device("cuda"):
+        theirs = transformers.DeepseekV3ForCausalLM._from_config(builtin_config, dtype=torch.bfloat16).eval()
+    missing, unexpected = theirs.load_state_dict(state, strict=False)
+    assert not missing, f"built-in lacks weights: {missing[:5]}"
+    assert all(k.startswith(f"model.layers.{config.num_hidden_layers}.") for k in unexpected), unexpected[:5]
+    del state
+    rows["transformers"] = measure(theirs, args, config.vocab_size)
+
+    device = torch.cuda.get_device_name()
+    print(f"\n{device}; torch {torch.__version__}; transformers {transformers.__version__}; preset {args.preset}"
+          f" ({config.num_hidden_layers} layers), bf16, random weights")
+    print(f"measured copy bandwidth {bandwidth / 1e12:.2f} TB/s; active bytes per decode step {floor_bytes / 1e9:.2f} GB"
+          f" -> floor {floor_bytes / bandwidth * 1e3:.2f} ms/token at batch 1")
+    print(f"{'workload':<34} {'ours':>12} {'transformers':>14} {'ratio':>8}")
+    o, t = rows["ours"], rows["transformers"]
+    print(f"{f'prefill {args.prefill} tok, tokens/s':<34} {o['prefill']['tokens_per_s']:12.0f} "
+          f"{t['prefill']['tokens_per_s']:14.0f} {o['prefill']['tokens_per_s'] / t['prefill']['tokens_per_s']:7.2f}x")
+    for batch in args.batch:
+        key = f"decode_b{batch}"
+        print(f"{f'decode b{batch} @ctx {args.context}, ms/token':<34} {o[key]['ms_per_token']:12.2f} "
+              f"{t[key]['ms_per_token']:14.2f} {t[key]['ms_per_token'] / o[key]['ms_per_token']:7.2f}x")
+    print(f"{'peak GPU memory, GiB':<34} {o['peak_gib']:12.2f} {t['peak_gib']:14.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": device, "rows": rows, "bandwidth": bandwidth,
+                                               "floor_bytes": floor_bytes, "args": vars(args)}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
