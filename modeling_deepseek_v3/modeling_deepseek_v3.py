@@ -344,7 +344,9 @@ class DeepseekV3TopkRouter(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x_TD [T, D] -> (topk_idx [T, K] int64, topk_weight [T, K] float32, scores [T, E] float32)."""
-        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        # float32 even under bf16 autocast, which would otherwise run this linear in bf16.
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            logits_TE = F.linear(x_TD.float(), self.weight.float())
         if self.config.scoring_func == "sigmoid":
             scores_TE = logits_TE.sigmoid()
         else:
@@ -497,7 +499,7 @@ def sequence_balance_loss(
     K = topk_idx_BTK.shape[-1]
     p_BE = (scores_BTE / scores_BTE.sum(dim=-1, keepdim=True)).mean(dim=1)
     counts_BE = torch.zeros(B, E, device=scores_BTE.device, dtype=scores_BTE.dtype)
-    counts_BE.scatter_add_(1, topk_idx_BTK.reshape(B, T * K), torch.ones(B, T * K, device=scores_BTE.device))
+    counts_BE.scatter_add_(1, topk_idx_BTK.reshape(B, T * K), torch.ones(B, T * K, device=scores_BTE.device, dtype=counts_BE.dtype))
     f_BE = counts_BE * (E / (K * T))
     return alpha * (f_BE * p_BE).sum(dim=-1).mean()
 

@@ -154,3 +154,14 @@ def test_balance_loss_only_in_training_and_off_at_alpha_zero():
     torch.testing.assert_close(out.loss, out.lm_loss + out.mtp_loss + out.aux_loss)
     off = random_model(tiny_config(aux_loss_alpha=0.0)).train()
     assert off(ids, labels=ids).aux_loss is None
+
+
+def test_router_stays_float32_under_bf16_autocast_and_training_loss_runs():
+    model = random_model(tiny_config(aux_loss_alpha=0.01)).train()
+    ids = torch.randint(2, 512, (2, 12))
+    router = model.expert_routers()[0]
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        _, weight, scores = router(torch.randn(5, model.config.hidden_size))
+        out = model(ids, labels=ids)
+    assert weight.dtype == torch.float32 and scores.dtype == torch.float32
+    assert torch.isfinite(out.loss) and out.aux_loss is not None
