@@ -6,7 +6,10 @@ it, and prints both with the ratio and the hardware floor. Rows:
 
 - prefill T tokens, batch 1: tokens/s (CUDA events, median of `--repeats`);
 - decode batch B at context C: ms per generated token in a greedy loop over `model(...)` with a cache (the loop
-  `generate()` runs), default dynamic cache, after a prefill of C tokens;
+  `generate()` runs), after a prefill of C tokens, with the default dynamic cache and with a static cache (ours
+  then replays its captured CUDA graph; the built-in runs its eager forward: no torch.compile);
+- `generate()` end to end, batch 1, static cache: per-token time from the difference of two lengths, and the
+  wall time of the first call (warm-up: our graph capture);
 - the floor: bytes of the active parameters per token (attention, dense/shared MLPs, K routed experts per MoE
   layer, the LM head) read once, over the device-to-device copy bandwidth measured here.
 
@@ -22,6 +25,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from transformers import StaticCache
 
 from modeling_deepseek_v3 import DeepseekV3Config, DeepseekV3ForCausalLM
 
@@ -86,21 +90,41 @@ def measure(model, args, vocab) -> dict:
 
     for batch in args.batch:
         context = torch.randint(2, vocab, (batch, args.context), device="cuda", generator=generator)
+        for cache_kind in ("dynamic", "static"):
 
-        def decode():
-            out = model(context, use_cache=True, logits_to_keep=1)
-            cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in range(args.decode_steps):
-                out = model(token, past_key_values=cache, use_cache=True)
-                token = out.logits[:, -1].argmax(-1, keepdim=True)
-            torch.cuda.synchronize()
-            return (time.perf_counter() - start) / args.decode_steps
+            def decode():
+                cache = None
+                if cache_kind == "static":
+                    cache = StaticCache(config=model.config, max_cache_len=args.context + args.decode_steps + 1)
+                mask = torch.ones(batch, args.context, dtype=torch.long, device="cuda")
+                out = model(context, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                for _ in range(args.decode_steps):
+                    mask = torch.cat([mask, mask[:, -1:]], dim=1)
+                    out = model(token, attention_mask=mask, past_key_values=cache, use_cache=True)
+                    token = out.logits[:, -1].argmax(-1, keepdim=True)
+                torch.cuda.synchronize()
+                return (time.perf_counter() - start) / args.decode_steps
 
-        decode()
-        step = statistics.median(decode() for _ in range(args.repeats))
-        results[f"decode_b{batch}"] = {"ms_per_token": step * 1e3, "tokens_per_s": batch / step}
+            decode()
+            step = statistics.median(decode() for _ in range(args.repeats))
+            results[f"decode_b{batch}_{cache_kind}"] = {"ms_per_token": step * 1e3, "tokens_per_s": batch / step}
+
+    # End to end: greedy generate() with a static cache, batch 1, per-token time from two lengths.
+    prompt = torch.randint(2, vocab, (1, args.context), device="cuda", generator=generator)
+
+    def generate(n):
+        return lambda: model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
+                                      min_new_tokens=n, do_sample=False, pad_token_id=0, cache_implementation="static")
+
+    start = time.perf_counter()
+    generate(2)()
+    torch.cuda.synchronize()
+    results["generate_first_call_s"] = time.perf_counter() - start
+    long, short = timed(generate(args.decode_steps + 1), args.repeats), timed(generate(1), args.repeats)
+    results["generate_b1_static"] = {"ms_per_token": (long - short) / args.decode_steps * 1e3}
     results["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return results
 
@@ -151,9 +175,18 @@ def main():
     print(f"{f'prefill {args.prefill} tok, tokens/s':<34} {o['prefill']['tokens_per_s']:12.0f} "
           f"{t['prefill']['tokens_per_s']:14.0f} {o['prefill']['tokens_per_s'] / t['prefill']['tokens_per_s']:7.2f}x")
     for batch in args.batch:
-        key = f"decode_b{batch}"
-        print(f"{f'decode b{batch} @ctx {args.context}, ms/token':<34} {o[key]['ms_per_token']:12.2f} "
-              f"{t[key]['ms_per_token']:14.2f} {t[key]['ms_per_token'] / o[key]['ms_per_token']:7.2f}x")
+        for cache_kind in ("dynamic", "static"):
+            key = f"decode_b{batch}_{cache_kind}"
+            label = f"decode b{batch} @ctx {args.context} {cache_kind}, ms/tok"
+            print(f"{label:<34} {o[key]['ms_per_token']:12.2f} {t[key]['ms_per_token']:14.2f} "
+                  f"{t[key]['ms_per_token'] / o[key]['ms_per_token']:7.2f}x")
+    label = "generate() b1 static, ms/token"
+    print(f"{label:<34} {o['generate_b1_static']['ms_per_token']:12.2f} {t['generate_b1_static']['ms_per_token']:14.2f} "
+          f"{t['generate_b1_static']['ms_per_token'] / o['generate_b1_static']['ms_per_token']:7.2f}x")
+    print(f"{'generate() first call (warm-up), s':<34} {o['generate_first_call_s']:12.2f} {t['generate_first_call_s']:14.2f}")
+    best_b1 = min(o[f"decode_b1_static"]["ms_per_token"], o["generate_b1_static"]["ms_per_token"]) if 1 in args.batch else None
+    if best_b1:
+        print(f"ours at batch 1: {best_b1:.2f} ms/token = {best_b1 / (floor_bytes / bandwidth * 1e3):.2f}x the floor")
     print(f"{'peak GPU memory, GiB':<34} {o['peak_gib']:12.2f} {t['peak_gib']:14.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"device": device, "rows": rows, "bandwidth": bandwidth,

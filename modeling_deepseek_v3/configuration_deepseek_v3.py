@@ -116,6 +116,10 @@ class DeepseekV3Config(PretrainedConfig):
         moe_implementation (`str`, *optional*, defaults to `"auto"`):
             Routed-expert compute. `"eager"` loops over experts (the reference), `"grouped_mm"` runs one grouped
             GEMM per projection (`torch._grouped_mm`), `"auto"` picks grouped_mm where the device supports it.
+        cuda_graph_decode (`bool`, *optional*, defaults to `True`):
+            Serve decode steps on a static cache (`generate(..., cache_implementation="static")`) on CUDA by replaying
+            a captured CUDA graph of the step (captured once per cache and batch size). `False` runs every step
+            eagerly (the reference).
     """
 
     model_type = "deepseek_v3"
@@ -168,6 +172,7 @@ class DeepseekV3Config(PretrainedConfig):
         attention_dropout=0.0,
         attention_form="auto",
         moe_implementation="auto",
+        cuda_graph_decode=True,
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -214,6 +219,7 @@ class DeepseekV3Config(PretrainedConfig):
         self.attention_dropout = attention_dropout
         self.attention_form = attention_form
         self.moe_implementation = moe_implementation
+        self.cuda_graph_decode = cuda_graph_decode
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,

@@ -974,6 +974,11 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         The MTP modules run when labels are given, `num_nextn_predict_layers > 0` and `mtp_loss_weight > 0`: depth
         k sees h^{k-1} at positions i < T - k and the embedding of token i + k, and is scored on token i + k + 1.
         """
+        if labels is None and inputs_embeds is None and position_ids is None and self._can_replay_decode(
+            input_ids, attention_mask, past_key_values, use_cache
+        ):
+            logits = self._decode_graph(past_key_values, input_ids.shape[0]).replay(input_ids, attention_mask)
+            return DeepseekV3CausalLMOutputWithPast(logits=logits, past_key_values=past_key_values)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -1016,6 +1021,37 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
             mtp_logits=mtp_logits,
         )
 
+    def _can_replay_decode(self, input_ids, attention_mask, past_key_values, use_cache) -> bool:
+        """Whether this call is a decode step the CUDA-graph path serves: `config.cuda_graph_decode`, inference
+        (no grad, eval mode), one new token per row on CUDA, a 2D padding mask, and an initialized static cache
+        (fixed-size tensors, length kept on the device)."""
+        return bool(
+            self.config.cuda_graph_decode
+            and not self.training
+            and not torch.is_grad_enabled()
+            and use_cache is not False
+            and input_ids is not None
+            and input_ids.is_cuda
+            and input_ids.shape[1] == 1
+            and attention_mask is not None
+            and attention_mask.dim() == 2
+            and isinstance(past_key_values, Cache)
+            and getattr(past_key_values, "is_compileable", False)
+            and all(getattr(layer, "is_initialized", False) for layer in past_key_values.layers)
+            and not torch.cuda.is_current_stream_capturing()
+        )
+
+    def _decode_graph(self, cache: Cache, batch_size: int) -> "DecodeGraph":
+        """The captured decode step for this static cache and batch size (captured on first use)."""
+        graphs = self.__dict__.setdefault("_decode_graphs", {})
+        key = (id(cache), batch_size)
+        graph = graphs.get(key)
+        if graph is None or graph.cache_ref() is not cache:
+            if len(graphs) >= 4:  # generate() reuses its static cache; do not accumulate stale graphs
+                graphs.clear()
+            graph = graphs[key] = DecodeGraph(self, cache, batch_size)
+        return graph
+
     def _mtp_loss(self, input_ids, inputs_embeds, attention_mask, position_ids, hidden_states, labels, num_items=None):
         """`lambda / D * sum_k CE_k` over the MTP depths (paper eq. 21-25), their logits and balance losses."""
         config = self.config
@@ -1054,6 +1090,64 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
             return None, None, None
         mtp_loss = config.mtp_loss_weight / config.num_nextn_predict_layers * torch.stack(depth_losses).sum()
         return mtp_loss, tuple(depth_logits), aux_loss
+
+
+class DecodeGraph:
+    """One decode step (batch B, one new token per row) on a static cache, captured as a CUDA graph.
+
+    The eager step costs ~30 kernel launches and their Python per layer; replaying the graph costs one launch.
+    Inputs are copied into fixed buffers: the token ids [B, 1] and the padding mask padded to the cache length
+    [B, S] (zeros past the tokens seen, so the mask of every step has the same shape). Inside the graph the new
+    token's position is `mask.sum(-1) - 1`, the cache writes at its device-side length, and the attention bias
+    comes from the mask and that length: no host sync, no shape that changes between steps. The eager forward
+    stays the reference (`config.cuda_graph_decode=False`), and a GPU test holds the two equal.
+    """
+
+    def __init__(self, model: "DeepseekV3ForCausalLM", cache: Cache, batch_size: int):
+        import weakref
+
+        self.model = model
+        self.cache_ref = weakref.ref(cache)
+        self.mask_length = cache.get_mask_sizes(1, 0)[0]
+        device = model.lm_head.weight.device
+        self.input_ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        self.mask = torch.zeros(batch_size, self.mask_length, dtype=torch.long, device=device)
+        lengths = [layer.cumulative_length.clone() for layer in cache.layers]
+        # Warm up on a side stream (allocations and lazy initialization happen outside the capture), then capture.
+        # Both advance the cache's device-side length; it is restored afterwards, and the slot they wrote is
+        # written again by the first real step.
+        self.mask[:, 0] = 1
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._step(cache)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._step(cache)
+        for layer, length in zip(cache.layers, lengths):
+            layer.cumulative_length.copy_(length)
+
+    def _step(self, cache):
+        position_ids = self.mask.sum(dim=-1, keepdim=True) - 1
+        hidden = self.model.model(
+            input_ids=self.input_ids, attention_mask=self.mask, position_ids=position_ids, past_key_values=cache,
+            use_cache=True,
+        ).last_hidden_state
+        return self.model.lm_head(hidden)
+
+    def replay(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """input_ids [B, 1], attention_mask [B, S'] over past + new tokens (S' <= cache length) -> logits [B, 1, V]
+        (a fresh tensor; the graph's output buffer is reused by the next step)."""
+        length = attention_mask.shape[1]
+        if length > self.mask_length:
+            raise ValueError(f"attention_mask: {length} positions exceed the static cache length {self.mask_length}")
+        self.input_ids.copy_(input_ids)
+        self.mask[:, length:].zero_()
+        self.mask[:, :length].copy_(attention_mask)
+        self.graph.replay()
+        return self.logits.clone()
 
 
 __all__ = [

@@ -36,12 +36,35 @@ def test_cuda_float32_logits_and_greedy_tokens_match_builtin(tmp_path):
     assert torch.equal(ours.generate(ids, **kwargs), theirs.generate(ids, **kwargs))
 
 
-def test_cuda_bf16_static_and_dynamic_cache_agree_with_absorbed_decode():
-    model = random_model(tiny_config(), seed=2).cuda().to(torch.bfloat16)
+def teacher_forced_logits(model, ids, cache):
+    """Prefill ids[:, :8], then feed ids[:, 8:] one token per step; logits of every step."""
+    mask = torch.ones(ids.shape[0], 8, dtype=torch.long, device=ids.device)
+    steps = [model(ids[:, :8], attention_mask=mask, past_key_values=cache, use_cache=True).logits[:, -1]]
+    for t in range(8, ids.shape[1]):
+        mask = torch.cat([mask, mask[:, -1:]], dim=1)
+        steps.append(model(ids[:, t : t + 1], attention_mask=mask, past_key_values=cache, use_cache=True).logits[:, -1])
+    return torch.stack(steps)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_cuda_graph_decode_equals_eager_static_and_dynamic_decode(dtype, tolerance):
+    from transformers import DynamicCache, StaticCache
+
+    model = random_model(tiny_config(), seed=2).cuda().to(dtype)
+    ids = torch.randint(2, 512, (2, 20), device="cuda")
+    with torch.no_grad():
+        model.config.cuda_graph_decode = True
+        graph = teacher_forced_logits(model, ids, StaticCache(config=model.config, max_cache_len=32))
+        assert model.__dict__.get("_decode_graphs"), "the static-cache decode steps did not use the CUDA graph"
+        model.config.cuda_graph_decode = False
+        eager_static = teacher_forced_logits(model, ids, StaticCache(config=model.config, max_cache_len=32))
+        dynamic = teacher_forced_logits(model, ids, DynamicCache(config=model.config))
+    assert relative_max_diff(graph, eager_static) < tolerance
+    assert relative_max_diff(graph, dynamic) < tolerance
+
+
+def test_generate_with_static_cache_and_cuda_graph_matches_dynamic_greedy_tokens():
+    model = random_model(tiny_config(), seed=3).cuda()
     ids = torch.randint(2, 512, (2, 12), device="cuda")
-    kwargs = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids),
-                  output_logits=True, return_dict_in_generate=True)
-    dynamic = model.generate(ids, **kwargs)
-    static = model.generate(ids, cache_implementation="static", **kwargs)
-    for a, b in zip(dynamic.logits, static.logits):
-        assert relative_max_diff(a, b) < 2e-2
+    kwargs = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
+    assert torch.equal(model.generate(ids, cache_implementation="static", **kwargs), model.generate(ids, **kwargs))
