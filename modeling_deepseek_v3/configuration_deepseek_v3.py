@@ -13,7 +13,7 @@ from transformers.activations import ACT2FN
 SCORING_FUNCS = ("sigmoid", "softmax")
 TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 ATTENTION_FORMS = ("auto", "naive", "absorbed")
-MOE_IMPLEMENTATIONS = ("auto", "eager", "grouped_mm")
+MOE_IMPLEMENTATIONS = ("auto", "eager", "grouped_mm", "gather", "triton")
 
 
 def yarn_get_mscale(scale: float = 1.0, mscale: float = 1.0) -> float:
@@ -115,7 +115,11 @@ class DeepseekV3Config(PretrainedConfig):
             `"auto"` uses naive without a past (prefill) and absorbed as soon as the cache holds tokens (decode).
         moe_implementation (`str`, *optional*, defaults to `"auto"`):
             Routed-expert compute. `"eager"` loops over experts (the reference), `"grouped_mm"` runs one grouped
-            GEMM per projection (`torch._grouped_mm`), `"auto"` picks grouped_mm where the device supports it.
+            GEMM per projection (`torch.nn.functional.grouped_mm`), `"gather"` gathers each (token, expert) pair's
+            weights and runs batched matrix-vector products (reads only the chosen experts: decode-sized batches),
+            `"triton"` does the same with Triton kernels that index the experts in place (CUDA, SiLU), `"auto"`
+            picks triton (or gather without CUDA/triton) when tokens * top-k <= n_routed_experts, else grouped_mm
+            on CUDA bf16, else eager.
         cuda_graph_decode (`bool`, *optional*, defaults to `True`):
             Serve decode steps on a static cache (`generate(..., cache_implementation="static")`) on CUDA by replaying
             a captured CUDA graph of the step (captured once per cache and batch size). `False` runs every step

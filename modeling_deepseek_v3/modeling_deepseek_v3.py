@@ -27,6 +27,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from . import moe_kernels
 from .checkpoint_layout import MTP_SHARED_COPY_PATTERN, mtp_shared_copies, register_official_layout
 from .configuration_deepseek_v3 import DeepseekV3Config, yarn_get_mscale
 from .official_checkpoint import fp8_quantization_config, load_fp8_checkpoint
@@ -405,8 +406,19 @@ class DeepseekV3Experts(nn.Module):
         each token's experts (combined in float32)."""
         implementation = self.config.moe_implementation
         if implementation == "auto":
-            use_grouped = _grouped_mm is not None and x_TD.is_cuda and x_TD.dtype == torch.bfloat16
-            implementation = "grouped_mm" if use_grouped else "eager"
+            if topk_idx_TK.numel() <= self.num_experts:  # decode-sized: read only the chosen experts
+                use_triton = moe_kernels.available(x_TD) and self.config.hidden_act == "silu"
+                implementation = "triton" if use_triton else "gather"
+            elif _grouped_mm is not None and x_TD.is_cuda and x_TD.dtype == torch.bfloat16:
+                implementation = "grouped_mm"
+            else:
+                implementation = "eager"
+        if implementation == "eager" and x_TD.is_cuda and torch.cuda.is_current_stream_capturing():
+            implementation = "gather"  # the eager loop syncs on the per-expert counts: not capturable
+        if implementation == "gather":
+            return self._forward_gather(x_TD, topk_idx_TK, topk_weight_TK)
+        if implementation == "triton":
+            return self._forward_triton(x_TD, topk_idx_TK, topk_weight_TK)
         if implementation == "grouped_mm":
             if _grouped_mm is None:
                 raise RuntimeError(
@@ -435,6 +447,28 @@ class DeepseekV3Experts(nn.Module):
             y = F.linear(self.act_fn(gate) * up, self.down_proj[expert])
             out_TD.index_add_(0, token, y.float() * flat_weight[slot, None])
         return out_TD
+
+    def _forward_gather(self, x_TD, topk_idx_TK, topk_weight_TK):
+        # One (token, expert) pair per row: gather the pair's expert weights and run batched matrix-vector
+        # products. Reads only the chosen experts (T * K of them), with no host sync: the decode-sized path.
+        T, K = topk_idx_TK.shape
+        flat_expert = topk_idx_TK.reshape(-1)
+        x_PD = x_TD.repeat_interleave(K, dim=0)
+        gate_up_P2i = torch.bmm(self.gate_up_proj[flat_expert], x_PD[:, :, None]).squeeze(-1)
+        gate, up = gate_up_P2i.chunk(2, dim=-1)
+        y_PD = torch.bmm(self.down_proj[flat_expert], (self.act_fn(gate) * up)[:, :, None]).squeeze(-1)
+        weighted = y_PD.float() * topk_weight_TK.reshape(-1, 1)
+        return weighted.view(T, K, -1).sum(dim=1)
+
+    def _forward_triton(self, x_TD, topk_idx_TK, topk_weight_TK):
+        # moe_kernels.py: the chosen experts' weights indexed in place, each read once (SiLU fused).
+        if not moe_kernels.available(x_TD) or self.config.hidden_act != "silu":
+            raise RuntimeError("moe_implementation='triton' needs a CUDA tensor, triton and hidden_act='silu'")
+        T, K = topk_idx_TK.shape
+        flat_expert = topk_idx_TK.reshape(-1)
+        h_PI = moe_kernels.expert_gate_up_act(x_TD.contiguous(), self.gate_up_proj, flat_expert, K)
+        y_PD = moe_kernels.expert_down(h_PI, self.down_proj, flat_expert)
+        return (y_PD * topk_weight_TK.reshape(-1, 1)).view(T, K, -1).sum(dim=1)
 
     def _forward_grouped_mm(self, x_TD, topk_idx_TK, topk_weight_TK):
         T, K = topk_idx_TK.shape
@@ -1040,6 +1074,13 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
             and all(getattr(layer, "is_initialized", False) for layer in past_key_values.layers)
             and not torch.cuda.is_current_stream_capturing()
         )
+
+    def _valid_auto_compile_criteria(self, model_kwargs, generation_config) -> bool:
+        # generate() would torch.compile the forward for any static cache on CUDA (a minute of warm-up); the
+        # captured decode graph serves those steps instead.
+        if self.config.cuda_graph_decode:
+            return False
+        return super()._valid_auto_compile_criteria(model_kwargs, generation_config)
 
     def _decode_graph(self, cache: Cache, batch_size: int) -> "DecodeGraph":
         """The captured decode step for this static cache and batch size (captured on first use)."""

@@ -68,3 +68,19 @@ def test_generate_with_static_cache_and_cuda_graph_matches_dynamic_greedy_tokens
     ids = torch.randint(2, 512, (2, 12), device="cuda")
     kwargs = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
     assert torch.equal(model.generate(ids, cache_implementation="static", **kwargs), model.generate(ids, **kwargs))
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 64])
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+def test_triton_decode_experts_equal_the_eager_loop(tokens, dtype, tolerance):
+    config = tiny_config(hidden_size=512, moe_intermediate_size=320)  # several blocks and masked edges
+    torch.manual_seed(1)
+    experts = DeepseekV3Experts(config).cuda().to(dtype)
+    torch.nn.init.normal_(experts.gate_up_proj, std=0.05)
+    torch.nn.init.normal_(experts.down_proj, std=0.05)
+    x = torch.randn(tokens, 512, device="cuda", dtype=dtype)
+    topk_idx = torch.stack([torch.randperm(16, device="cuda")[:4] for _ in range(tokens)])
+    topk_weight = torch.rand(tokens, 4, device="cuda")
+    eager = experts._forward_eager(x, topk_idx, topk_weight)
+    assert relative_max_diff(experts._forward_triton(x, topk_idx, topk_weight), eager) < tolerance
+    assert relative_max_diff(experts._forward_gather(x, topk_idx, topk_weight), eager) < tolerance
