@@ -1082,6 +1082,21 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
             return False
         return super()._valid_auto_compile_criteria(model_kwargs, generation_config)
 
+    def _prepare_static_cache(self, cache_implementation, batch_size, max_cache_len, prefill_chunk_size, model_kwargs):
+        # generate() makes a fresh static cache per call; the captured decode graph is tied to the cache's
+        # tensors, so reuse the previous call's cache (reset in place) when it has the same size.
+        key = (cache_implementation, batch_size, max(max_cache_len, getattr(self, "_previous_max_cache_length", -1)),
+               prefill_chunk_size)
+        previous = self.__dict__.get("_generate_static_cache")
+        if self.config.cuda_graph_decode and previous is not None and previous[0] == key:
+            previous[1].reset()
+            return previous[1]
+        cache = super()._prepare_static_cache(
+            cache_implementation, batch_size, max_cache_len, prefill_chunk_size, model_kwargs
+        )
+        self.__dict__["_generate_static_cache"] = (key, cache)
+        return cache
+
     def _decode_graph(self, cache: Cache, batch_size: int) -> "DecodeGraph":
         """The captured decode step for this static cache and batch size (captured on first use)."""
         graphs = self.__dict__.setdefault("_decode_graphs", {})
