@@ -4,7 +4,7 @@ Builds the preset (default: the V3-Lite shape) with random bf16 weights on the G
 weights to host memory, builds transformers' built-in `DeepseekV3ForCausalLM` from the same state dict, measures
 it, and prints both with the ratio and the hardware floor. Rows:
 
-- prefill T tokens, batch 1: tokens/s (CUDA events, median of `--repeats`);
+- prefill T tokens, batch 1: tokens/s (CUDA events, median of `--repeats`) and the peak memory beyond the weights;
 - decode batch B at context C: ms per generated token in a greedy loop over `model(...)` with a cache (the loop
   `generate()` runs), after a prefill of C tokens, with the default dynamic cache and with a static cache (ours
   then replays its captured CUDA graph; the built-in runs its eager forward: no torch.compile);
@@ -13,7 +13,7 @@ it, and prints both with the ratio and the hardware floor. Rows:
 - the floor: bytes of the active parameters per token (attention, dense/shared MLPs, K routed experts per MoE
   layer, the LM head) read once, over the device-to-device copy bandwidth measured here.
 
-    python benchmarks/bench_generate.py --preset deepseek-v3-lite --prefill 4096 --context 1024 --decode-steps 32
+    python benchmarks/bench_generate.py --preset deepseek-v3-lite --prefill 4096 32768 --context 1024 32768 --batch 1 32
 """
 
 import argparse
@@ -83,20 +83,25 @@ def timed(fn, repeats: int) -> float:
 def measure(model, args, vocab) -> dict:
     generator = torch.Generator(device="cuda").manual_seed(0)
     results = {}
-    prompt = torch.randint(2, vocab, (1, args.prefill), device="cuda", generator=generator)
-    seconds = timed(lambda: model(prompt, use_cache=False, logits_to_keep=1), args.repeats)
-    results["prefill"] = {"tokens_per_s": args.prefill / seconds, "ms": seconds * 1e3}
+    for length in args.prefill:
+        prompt = torch.randint(2, vocab, (1, length), device="cuda", generator=generator)
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        seconds = timed(lambda: model(prompt, use_cache=False, logits_to_keep=1), args.repeats)
+        results[f"prefill_{length}"] = {"tokens_per_s": length / seconds, "ms": seconds * 1e3,
+                                        "peak_extra_gib": (torch.cuda.max_memory_allocated() - base) / 2**30}
+        del prompt
     torch.cuda.reset_peak_memory_stats()
 
-    for batch in args.batch:
-        context = torch.randint(2, vocab, (batch, args.context), device="cuda", generator=generator)
+    for context_len, batch in [(args.context[0], b) for b in args.batch] + [(c, 1) for c in args.context[1:]]:
+        context = torch.randint(2, vocab, (batch, context_len), device="cuda", generator=generator)
         for cache_kind in ("dynamic", "static"):
 
             def decode():
                 cache = None
                 if cache_kind == "static":
-                    cache = StaticCache(config=model.config, max_cache_len=args.context + args.decode_steps + 1)
-                mask = torch.ones(batch, args.context, dtype=torch.long, device="cuda")
+                    cache = StaticCache(config=model.config, max_cache_len=context_len + args.decode_steps + 1)
+                mask = torch.ones(batch, context_len, dtype=torch.long, device="cuda")
                 out = model(context, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
                 cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
                 torch.cuda.synchronize()
@@ -110,10 +115,10 @@ def measure(model, args, vocab) -> dict:
 
             decode()
             step = statistics.median(decode() for _ in range(args.repeats))
-            results[f"decode_b{batch}_{cache_kind}"] = {"ms_per_token": step * 1e3, "tokens_per_s": batch / step}
+            results[f"decode_b{batch}_c{context_len}_{cache_kind}"] = {"ms_per_token": step * 1e3, "tokens_per_s": batch / step}
 
     # End to end: greedy generate() with a static cache, batch 1, per-token time from two lengths.
-    prompt = torch.randint(2, vocab, (1, args.context), device="cuda", generator=generator)
+    prompt = torch.randint(2, vocab, (1, args.context[0]), device="cuda", generator=generator)
 
     def generate(n):
         return lambda: model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
@@ -133,8 +138,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="deepseek-v3-lite")
     parser.add_argument("--layers", type=int, default=None, help="cut the preset to this many layers")
-    parser.add_argument("--prefill", type=int, default=4096)
-    parser.add_argument("--context", type=int, default=1024)
+    parser.add_argument("--prefill", type=int, nargs="+", default=[4096])
+    parser.add_argument("--context", type=int, nargs="+", default=[1024],
+                        help="decode contexts: every --batch at the first, batch 1 at the others")
     parser.add_argument("--batch", type=int, nargs="+", default=[1])
     parser.add_argument("--decode-steps", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
@@ -170,24 +176,27 @@ def main():
           f" ({config.num_hidden_layers} layers), bf16, random weights")
     print(f"measured copy bandwidth {bandwidth / 1e12:.2f} TB/s; active bytes per decode step {floor_bytes / 1e9:.2f} GB"
           f" -> floor {floor_bytes / bandwidth * 1e3:.2f} ms/token at batch 1")
-    print(f"{'workload':<34} {'ours':>12} {'transformers':>14} {'ratio':>8}")
+    print(f"{'workload':<40} {'ours':>12} {'transformers':>14} {'ratio':>8}")
     o, t = rows["ours"], rows["transformers"]
-    print(f"{f'prefill {args.prefill} tok, tokens/s':<34} {o['prefill']['tokens_per_s']:12.0f} "
-          f"{t['prefill']['tokens_per_s']:14.0f} {o['prefill']['tokens_per_s'] / t['prefill']['tokens_per_s']:7.2f}x")
-    for batch in args.batch:
+    for length in args.prefill:
+        key = f"prefill_{length}"
+        print(f"{f'prefill {length} tok, tokens/s':<40} {o[key]['tokens_per_s']:12.0f} {t[key]['tokens_per_s']:14.0f} "
+              f"{o[key]['tokens_per_s'] / t[key]['tokens_per_s']:7.2f}x")
+        print(f"{f'prefill {length} tok, peak extra GiB':<40} {o[key]['peak_extra_gib']:12.2f} {t[key]['peak_extra_gib']:14.2f}")
+    for context_len, batch in [(args.context[0], b) for b in args.batch] + [(c, 1) for c in args.context[1:]]:
         for cache_kind in ("dynamic", "static"):
-            key = f"decode_b{batch}_{cache_kind}"
-            label = f"decode b{batch} @ctx {args.context} {cache_kind}, ms/tok"
-            print(f"{label:<34} {o[key]['ms_per_token']:12.2f} {t[key]['ms_per_token']:14.2f} "
+            key = f"decode_b{batch}_c{context_len}_{cache_kind}"
+            label = f"decode b{batch} ctx {context_len} {cache_kind}, ms/tok"
+            print(f"{label:<40} {o[key]['ms_per_token']:12.2f} {t[key]['ms_per_token']:14.2f} "
                   f"{t[key]['ms_per_token'] / o[key]['ms_per_token']:7.2f}x")
-    label = "generate() b1 static, ms/token"
-    print(f"{label:<34} {o['generate_b1_static']['ms_per_token']:12.2f} {t['generate_b1_static']['ms_per_token']:14.2f} "
+    label = f"generate() b1 ctx {args.context[0]} static, ms/tok"
+    print(f"{label:<40} {o['generate_b1_static']['ms_per_token']:12.2f} {t['generate_b1_static']['ms_per_token']:14.2f} "
           f"{t['generate_b1_static']['ms_per_token'] / o['generate_b1_static']['ms_per_token']:7.2f}x")
-    print(f"{'generate() first call (warm-up), s':<34} {o['generate_first_call_s']:12.2f} {t['generate_first_call_s']:14.2f}")
-    best_b1 = min(o[f"decode_b1_static"]["ms_per_token"], o["generate_b1_static"]["ms_per_token"]) if 1 in args.batch else None
-    if best_b1:
-        print(f"ours at batch 1: {best_b1:.2f} ms/token = {best_b1 / (floor_bytes / bandwidth * 1e3):.2f}x the floor")
-    print(f"{'peak GPU memory, GiB':<34} {o['peak_gib']:12.2f} {t['peak_gib']:14.2f}")
+    print(f"{'generate() first call (warm-up), s':<40} {o['generate_first_call_s']:12.2f} {t['generate_first_call_s']:14.2f}")
+    if 1 in args.batch:
+        best = min(o[f"decode_b1_c{args.context[0]}_static"]["ms_per_token"], o["generate_b1_static"]["ms_per_token"])
+        print(f"ours at batch 1, ctx {args.context[0]}: {best:.2f} ms/token = {best / (floor_bytes / bandwidth * 1e3):.2f}x the floor")
+    print(f"{'peak GPU memory in decode rows, GiB':<40} {o['peak_gib']:12.2f} {t['peak_gib']:14.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"device": device, "rows": rows, "bandwidth": bandwidth,
                                                "floor_bytes": floor_bytes, "args": vars(args)}, indent=2))

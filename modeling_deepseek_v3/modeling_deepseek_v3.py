@@ -27,9 +27,9 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from . import moe_kernels
 from .checkpoint_layout import MTP_SHARED_COPY_PATTERN, mtp_shared_copies, register_official_layout
 from .configuration_deepseek_v3 import DeepseekV3Config, yarn_get_mscale
+from .moe_kernels import expert_down, expert_gate_up_act, triton_moe_available
 from .official_checkpoint import fp8_quantization_config, load_fp8_checkpoint
 
 register_official_layout()
@@ -172,6 +172,11 @@ def build_attention_bias(
     return bias_BTS.masked_fill(~allowed_BTS, min_value)[:, None]
 
 
+def causal_bias(T: int, S: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """Additive causal bias [1, 1, T, S] for the last T of S positions (the eager kernels' form of `is_causal`)."""
+    return build_attention_bias(None, torch.arange(S - T, S, device=device), S, dtype)
+
+
 class DeepseekV3Attention(nn.Module):
     """Multi-head Latent Attention with decoupled RoPE (REFERENCE.md section 3).
 
@@ -223,8 +228,9 @@ class DeepseekV3Attention(nn.Module):
         past_key_values: Cache | None = None,
         use_absorbed: bool = False,
     ) -> torch.Tensor:
-        """hidden_states [B, T, D], position_embeddings (cos, sin) [B, T, R/2], attention_bias [B|1, 1, T, S] or
-        None (no masking). Appends this step's (c_kv, k_pe) to `past_key_values`. Returns [B, T, D]."""
+        """hidden_states [B, T, D], position_embeddings (cos, sin) [B, T, R/2], attention_bias [B|1, 1, T, S], or
+        None: no masking for one new token, causal only for a prompt (T > 1, no past). Appends this step's
+        (c_kv, k_pe) to `past_key_values`. Returns [B, T, D]."""
         B, T, _ = hidden_states.shape
         H, N, R, L = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
         cos_BTr, sin_BTr = position_embeddings
@@ -261,16 +267,22 @@ class DeepseekV3Attention(nn.Module):
         key_BHSk = torch.cat((k_nope_BHSn, k_pe_B1Sr.expand(B, H, S, -1)), dim=-1)
         query_BHTk = torch.cat((q_nope_BHTn, q_pe_BHTr), dim=-1)
         dropout = self.attention_dropout if self.training else 0.0
+        causal = attention_bias is None and T > 1  # the caller's "causal only" (a prompt: S == T)
         if self.config._attn_implementation == "sdpa":
             return F.scaled_dot_product_attention(
-                query_BHTk, key_BHSk, value_BHSv, attn_mask=attention_bias, dropout_p=dropout, scale=self.scaling
+                query_BHTk, key_BHSk, value_BHSv, attn_mask=attention_bias, dropout_p=dropout, scale=self.scaling,
+                is_causal=causal,
             )
+        if causal:
+            attention_bias = causal_bias(T, S, query_BHTk.dtype, query_BHTk.device)
         scores_BHTS = torch.matmul(query_BHTk, key_BHSk.transpose(-1, -2)) * self.scaling
         return torch.matmul(self._softmax(scores_BHTS, attention_bias, dropout, value_BHSv.dtype), value_BHSv)
 
     def _attend_absorbed(self, q_nope_BHTn, q_pe_BHTr, c_kv_BSl, k_pe_BSr, attention_bias):
         B, H, T, _ = q_nope_BHTn.shape
         N, L = self.qk_nope_head_dim, self.kv_lora_rank
+        if attention_bias is None and T > 1:
+            attention_bias = causal_bias(T, c_kv_BSl.shape[1], q_nope_BHTn.dtype, q_nope_BHTn.device)
         w_kv_b_HkL = self.kv_b_proj.weight.view(H, N + self.v_head_dim, L)
         w_uk_HNL, w_uv_HVL = w_kv_b_HkL[:, :N], w_kv_b_HkL[:, N:]
         q_lat_BHTl = torch.einsum("bhtn,hnl->bhtl", q_nope_BHTn, w_uk_HNL)
@@ -407,7 +419,7 @@ class DeepseekV3Experts(nn.Module):
         implementation = self.config.moe_implementation
         if implementation == "auto":
             if topk_idx_TK.numel() <= self.num_experts:  # decode-sized: read only the chosen experts
-                use_triton = moe_kernels.available(x_TD) and self.config.hidden_act == "silu"
+                use_triton = triton_moe_available(x_TD) and self.config.hidden_act == "silu"
                 implementation = "triton" if use_triton else "gather"
             elif _grouped_mm is not None and x_TD.is_cuda and x_TD.dtype == torch.bfloat16:
                 implementation = "grouped_mm"
@@ -462,12 +474,12 @@ class DeepseekV3Experts(nn.Module):
 
     def _forward_triton(self, x_TD, topk_idx_TK, topk_weight_TK):
         # moe_kernels.py: the chosen experts' weights indexed in place, each read once (SiLU fused).
-        if not moe_kernels.available(x_TD) or self.config.hidden_act != "silu":
+        if not triton_moe_available(x_TD) or self.config.hidden_act != "silu":
             raise RuntimeError("moe_implementation='triton' needs a CUDA tensor, triton and hidden_act='silu'")
         T, K = topk_idx_TK.shape
         flat_expert = topk_idx_TK.reshape(-1)
-        h_PI = moe_kernels.expert_gate_up_act(x_TD.contiguous(), self.gate_up_proj, flat_expert, K)
-        y_PD = moe_kernels.expert_down(h_PI, self.down_proj, flat_expert)
+        h_PI = expert_gate_up_act(x_TD.contiguous(), self.gate_up_proj, flat_expert, K)
+        y_PD = expert_down(h_PI, self.down_proj, flat_expert)
         return (y_PD * topk_weight_TK.reshape(-1, 1)).view(T, K, -1).sum(dim=1)
 
     def _forward_grouped_mm(self, x_TD, topk_idx_TK, topk_weight_TK):
@@ -925,7 +937,13 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
             position_ids = positions_from_mask(attention_mask, cache_position, B)
         # A static cache reports its length as a tensor (no host sync) and is longer than the tokens seen.
         keys_are_exact = isinstance(past_seen, int) and kv_length == past_seen + T
-        attention_bias = build_attention_bias(
+        # A prompt with no past and no padding needs only causality: no [T, S] bias is built (O(T^2) memory at
+        # long context), and SDPA runs its causal kernels. One host sync per prompt (`.all()`), none in decode.
+        causal_only = (
+            T > 1 and keys_are_exact and past_seen == 0
+            and (attention_mask is None or (attention_mask.dim() == 2 and bool(attention_mask.all())))
+        )
+        attention_bias = None if causal_only else build_attention_bias(
             attention_mask, cache_position, kv_length, inputs_embeds.dtype, keys_are_exact
         )
         form = self.config.attention_form

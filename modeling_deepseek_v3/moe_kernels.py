@@ -21,7 +21,7 @@ except ImportError:  # CPU-only installs
     triton = None
 
 
-def available(x: torch.Tensor) -> bool:
+def triton_moe_available(x: torch.Tensor) -> bool:
     """Whether the kernels can run on `x` (CUDA tensor, triton importable)."""
     return triton is not None and x.is_cuda
 
@@ -107,4 +107,4 @@ def expert_down(h_PI: torch.Tensor, down_proj: torch.Tensor, flat_expert: torch.
     return out
 
 
-__all__ = ["available", "expert_down", "expert_gate_up_act"]
+__all__ = ["expert_down", "expert_gate_up_act", "triton_moe_available"]

@@ -125,3 +125,17 @@ def test_cropped_cache_continues_like_a_fresh_prefill():
         continued = model(ids[:, 6:], past_key_values=cache).logits
         fresh = model(ids).logits[:, 6:]
     assert relative_max_diff(continued, fresh) < 1e-5
+
+
+@pytest.mark.parametrize("form", ["naive", "absorbed"])
+def test_prompt_without_padding_uses_causal_only_attention_equal_to_an_explicit_mask(form):
+    model = random_model(tiny_config(attention_form=form), seed=9)
+    ids = prompt(batch=2, length=10)
+    mask = torch.ones_like(ids)
+    mask[1, 0] = 0  # forces the explicit bias for row 1; row 0 is compared against the causal-only run
+    with torch.no_grad():
+        causal_only = model(ids).logits
+        same_with_ones = model(ids, attention_mask=torch.ones_like(ids)).logits
+        explicit = model(ids, attention_mask=mask).logits
+    assert torch.equal(causal_only, same_with_ones)
+    assert relative_max_diff(explicit[0], causal_only[0]) < 1e-5

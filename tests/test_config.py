@@ -75,7 +75,7 @@ def test_documented_training_defaults():
         ({"num_key_value_heads": 2}, "num_key_value_heads"),
         ({"qk_rope_head_dim": 7}, "qk_rope_head_dim"),
         ({"attention_form": "fast"}, "attention_form"),
-        ({"moe_implementation": "triton"}, "moe_implementation"),
+        ({"moe_implementation": "cutlass"}, "moe_implementation"),
         ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling"),
         ({"first_k_dense_replace": 9}, "first_k_dense_replace"),
         ({"num_nextn_predict_layers": -1}, "num_nextn_predict_layers"),
