@@ -93,6 +93,19 @@ def measure(model, args, vocab) -> dict:
         del prompt
     torch.cuda.reset_peak_memory_stats()
 
+    # End to end: greedy generate() with a static cache, batch 1, per-token time from two lengths.
+    prompt = torch.randint(2, vocab, (1, args.context[0]), device="cuda", generator=generator)
+
+    def generate(n):
+        return lambda: model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
+                                      min_new_tokens=n, do_sample=False, pad_token_id=0, cache_implementation="static")
+
+    start = time.perf_counter()
+    generate(2)()
+    torch.cuda.synchronize()
+    results["generate_first_call_s"] = time.perf_counter() - start
+    long, short = timed(generate(args.decode_steps + 1), args.repeats), timed(generate(1), args.repeats)
+    results["generate_b1_static"] = {"ms_per_token": (long - short) / args.decode_steps * 1e3}
     for context_len, batch in [(args.context[0], b) for b in args.batch] + [(c, 1) for c in args.context[1:]]:
         context = torch.randint(2, vocab, (batch, context_len), device="cuda", generator=generator)
         for cache_kind in ("dynamic", "static"):
@@ -117,19 +130,6 @@ def measure(model, args, vocab) -> dict:
             step = statistics.median(decode() for _ in range(args.repeats))
             results[f"decode_b{batch}_c{context_len}_{cache_kind}"] = {"ms_per_token": step * 1e3, "tokens_per_s": batch / step}
 
-    # End to end: greedy generate() with a static cache, batch 1, per-token time from two lengths.
-    prompt = torch.randint(2, vocab, (1, args.context[0]), device="cuda", generator=generator)
-
-    def generate(n):
-        return lambda: model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
-                                      min_new_tokens=n, do_sample=False, pad_token_id=0, cache_implementation="static")
-
-    start = time.perf_counter()
-    generate(2)()
-    torch.cuda.synchronize()
-    results["generate_first_call_s"] = time.perf_counter() - start
-    long, short = timed(generate(args.decode_steps + 1), args.repeats), timed(generate(1), args.repeats)
-    results["generate_b1_static"] = {"ms_per_token": (long - short) / args.decode_steps * 1e3}
     results["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return results
 
