@@ -1026,10 +1026,11 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         The MTP modules run when labels are given, `num_nextn_predict_layers > 0` and `mtp_loss_weight > 0`: depth
         k sees h^{k-1} at positions i < T - k and the embedding of token i + k, and is scored on token i + k + 1.
         """
-        if labels is None and inputs_embeds is None and position_ids is None and self._can_replay_decode(
+        if labels is None and inputs_embeds is None and self._can_replay_decode(
             input_ids, attention_mask, past_key_values, use_cache
         ):
-            logits = self._decode_graph(past_key_values, input_ids.shape[0]).replay(input_ids, attention_mask)
+            graph = self._decode_graph(past_key_values, input_ids.shape[0])
+            logits = graph.replay(input_ids, attention_mask, position_ids)
             return DeepseekV3CausalLMOutputWithPast(logits=logits, past_key_values=past_key_values)
         outputs = self.model(
             input_ids=input_ids,
@@ -1177,14 +1178,18 @@ class DecodeGraph:
     stays the reference (`config.cuda_graph_decode=False`), and a GPU test holds the two equal.
     """
 
+    captures = 0  # graphs captured in this process (a reused generate() cache must not add any)
+
     def __init__(self, model: "DeepseekV3ForCausalLM", cache: Cache, batch_size: int):
         import weakref
 
+        DecodeGraph.captures += 1
         self.model = model
         self.cache_ref = weakref.ref(cache)
         self.mask_length = cache.get_mask_sizes(1, 0)[0]
         device = model.lm_head.weight.device
         self.input_ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        self.position_ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         self.mask = torch.zeros(batch_size, self.mask_length, dtype=torch.long, device=device)
         lengths = [layer.cumulative_length.clone() for layer in cache.layers]
         # Warm up on a side stream (allocations and lazy initialization happen outside the capture), then capture.
@@ -1204,22 +1209,25 @@ class DecodeGraph:
             layer.cumulative_length.copy_(length)
 
     def _step(self, cache):
-        position_ids = self.mask.sum(dim=-1, keepdim=True) - 1
         hidden = self.model.model(
-            input_ids=self.input_ids, attention_mask=self.mask, position_ids=position_ids, past_key_values=cache,
+            input_ids=self.input_ids, attention_mask=self.mask, position_ids=self.position_ids, past_key_values=cache,
             use_cache=True,
         ).last_hidden_state
         return self.model.lm_head(hidden)
 
-    def replay(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """input_ids [B, 1], attention_mask [B, S'] over past + new tokens (S' <= cache length) -> logits [B, 1, V]
-        (a fresh tensor; the graph's output buffer is reused by the next step)."""
+    def replay(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None):
+        """input_ids [B, 1], attention_mask [B, S'] over past + new tokens (S' <= cache length), position_ids
+        [B, 1] (default: the count of real tokens before the new one, as generate() computes them) -> logits
+        [B, 1, V] (a fresh tensor; the graph's output buffer is reused by the next step)."""
         length = attention_mask.shape[1]
         if length > self.mask_length:
             raise ValueError(f"attention_mask: {length} positions exceed the static cache length {self.mask_length}")
         self.input_ids.copy_(input_ids)
         self.mask[:, length:].zero_()
         self.mask[:, :length].copy_(attention_mask)
+        if position_ids is None:
+            position_ids = attention_mask.sum(dim=-1, keepdim=True) - 1
+        self.position_ids.copy_(position_ids[:, -1:])
         self.graph.replay()
         return self.logits.clone()
 

@@ -84,3 +84,23 @@ def test_triton_decode_experts_equal_the_eager_loop(tokens, dtype, tolerance):
     eager = experts._forward_eager(x, topk_idx, topk_weight)
     assert relative_max_diff(experts._forward_triton(x, topk_idx, topk_weight), eager) < tolerance
     assert relative_max_diff(experts._forward_gather(x, topk_idx, topk_weight), eager) < tolerance
+
+
+def test_repeated_generate_reuses_the_static_cache_and_its_captured_graph():
+    from modeling_deepseek_v3.modeling_deepseek_v3 import DecodeGraph
+
+    model = random_model(tiny_config(), seed=4).cuda()
+    ids = torch.randint(2, 512, (1, 10), device="cuda")
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids),
+                  cache_implementation="static")
+    captures = DecodeGraph.captures
+    first = model.generate(ids, **kwargs)
+    assert DecodeGraph.captures == captures + 1  # generate() passes position_ids: the graph serves them too
+    before = DecodeGraph.captures
+    replays = []
+    graph = next(iter(model._decode_graphs.values()))
+    original = graph.replay
+    graph.replay = lambda *a: replays.append(1) or original(*a)
+    again = model.generate(ids, **kwargs)
+    assert torch.equal(first, again)
+    assert DecodeGraph.captures == before and len(replays) == 5
