@@ -1193,20 +1193,21 @@ class DecodeGraph:
         self.mask = torch.zeros(batch_size, self.mask_length, dtype=torch.long, device=device)
         lengths = [layer.cumulative_length.clone() for layer in cache.layers]
         # Warm up on a side stream (allocations and lazy initialization happen outside the capture), then capture.
-        # Both advance the cache's device-side length; it is restored afterwards, and the slot they wrote is
-        # written again by the first real step.
+        # A warm-up step writes the next cache slot and advances the device-side length: the length is restored
+        # after each one, so they all write the slot the first real step writes again (the cache may have only
+        # that slot left: generate() sizes it to the last token).
         self.mask[:, 0] = 1
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
             for _ in range(2):
                 self._step(cache)
+                for layer, length in zip(cache.layers, lengths):
+                    layer.cumulative_length.copy_(length)
         torch.cuda.current_stream(device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph):  # records the step; nothing runs, the length stays as restored
             self.logits = self._step(cache)
-        for layer, length in zip(cache.layers, lengths):
-            layer.cumulative_length.copy_(length)
 
     def _step(self, cache):
         hidden = self.model.model(

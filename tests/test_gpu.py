@@ -104,3 +104,12 @@ def test_repeated_generate_reuses_the_static_cache_and_its_captured_graph():
     again = model.generate(ids, **kwargs)
     assert torch.equal(first, again)
     assert DecodeGraph.captures == before and len(replays) == 5
+
+
+def test_graph_capture_at_the_last_cache_slot_does_not_overflow():
+    model = random_model(tiny_config(), seed=6).cuda()
+    ids = torch.randint(2, 512, (1, 10), device="cuda")
+    kwargs = dict(max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
+    static = model.generate(ids, cache_implementation="static", **kwargs)  # the cache has one slot left at capture
+    torch.cuda.synchronize()
+    assert torch.equal(static, model.generate(ids, **kwargs))
