@@ -253,7 +253,9 @@ class DeepseekV3Attention(nn.Module):
         if past_key_values is not None:
             c_kv_B1Sl, k_pe_B1Sr = past_key_values.update(c_kv_B1Sl, k_pe_B1Sr, self.layer_idx)
 
-        if use_absorbed:
+        # The absorbed form reads kv_b_proj.weight directly; when accelerate offloads this layer (CPU/disk), that
+        # weight stays on `meta` until kv_b_proj itself is called, so such layers attend in the naive form.
+        if use_absorbed and self.kv_b_proj.weight.device.type != "meta":
             attn_BHTv = self._attend_absorbed(q_nope_BHTn, q_pe_BHTr, c_kv_B1Sl[:, 0], k_pe_B1Sr[:, 0], attention_bias)
         else:
             attn_BHTv = self._attend_naive(q_nope_BHTn, q_pe_BHTr, c_kv_B1Sl[:, 0], k_pe_B1Sr, attention_bias)
