@@ -15,6 +15,7 @@ heads), q_nope/q_pe, W_UK/W_UV (the key and value halves of kv_b_proj), h' and e
 import contextlib
 import math
 import os
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -1183,8 +1184,6 @@ class DecodeGraph:
     captures = 0  # graphs captured in this process (a reused generate() cache must not add any)
 
     def __init__(self, model: "DeepseekV3ForCausalLM", cache: Cache, batch_size: int):
-        import weakref
-
         DecodeGraph.captures += 1
         self.model = model
         self.cache_ref = weakref.ref(cache)
