@@ -192,13 +192,15 @@ def load_fp8_checkpoint(model_class, folder, config, dtype=torch.bfloat16, devic
     a model tensor the checkpoint lacks (except whole MTP layers, which are then initialized and reported).
     `config.quantization_config` is removed: the loaded model is a plain BF16/FP32 model.
     """
-    from accelerate import dispatch_model, init_empty_weights
+    from accelerate import dispatch_model
     from accelerate.utils import set_module_tensor_to_device
 
     fp8_quantization_config(config)
     drop_quantization_config(config)
     reader = CheckpointReader(folder)
-    with init_empty_weights(include_buffers=False):
+    # Everything on the meta device, buffers included: accelerate's init_empty_weights would still allocate the
+    # fused expert tensors (30 GB a layer for the 671B model) before moving them to meta.
+    with torch.device("meta"):
         model = model_class(config)
     is_causal_lm = hasattr(model, "lm_head")
     placement = _resolve_device_map(model, device_map, max_memory, dtype)
@@ -273,10 +275,7 @@ def load_fp8_checkpoint(model_class, folder, config, dtype=torch.bfloat16, devic
         _initialize_missing(model, mtp_missing, placement, dtype)
     if skipped:
         logger.info("skipped %d tensors of MTP layers the config does not ask for (%s...)", len(skipped), skipped[0])
-    for name, buffer in list(model.named_buffers()):
-        device = _device_for(name, placement)
-        if buffer.device != torch.device(device):
-            set_module_tensor_to_device(model, name, device, value=buffer)
+    _materialize_buffers(model, placement, folder, config)
 
     model.eval()
     model.config.dtype = dtype
@@ -289,6 +288,34 @@ def load_fp8_checkpoint(model_class, folder, config, dtype=torch.bfloat16, devic
 
         model.generation_config = GenerationConfig.from_pretrained(folder)
     return model
+
+
+def _materialize_buffers(model, placement, folder, config):
+    """Put every buffer on its device: the loaded ones are there already; the rotary frequencies are computed,
+    the expert-load counters start at zero. A persistent buffer the checkpoint lacks (the routing bias) is an
+    error, except in MTP layers, whose missing weights were initialized."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    from .modeling_deepseek_v3 import compute_rope_inv_freq
+
+    missing = []
+    for name, buffer in list(model.named_buffers()):
+        device = _device_for(name, placement)
+        if buffer.device.type != "meta":
+            if buffer.device != torch.device(device):
+                set_module_tensor_to_device(model, name, device, value=buffer)
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf == "inv_freq":
+            value = compute_rope_inv_freq(config)[0]
+        elif leaf == "expert_load" or (_layer_index(name) or -1) >= config.num_hidden_layers:
+            value = torch.zeros(buffer.shape, dtype=buffer.dtype)
+        else:
+            missing.append(name)
+            continue
+        set_module_tensor_to_device(model, name, device, value=value, dtype=value.dtype)
+    if missing:
+        raise CheckpointError(f"{folder}: the checkpoint lacks {len(missing)} buffers of the model, e.g. {missing[:5]}")
 
 
 def _has_buffer(model, name):

@@ -229,3 +229,10 @@ def test_dequantize_matches_the_blockwise_reference_on_partial_blocks(shape):
     assert torch.equal(dequantize_fp8_block(q, scale, torch.float32), reference)
     assert torch.equal(dequantize_fp8_block(q, scale, torch.bfloat16), reference.to(torch.bfloat16))
     assert (reference - weight).abs().max() <= weight.abs().max() / 8  # fp8 keeps ~3 mantissa bits
+
+
+def test_missing_routing_bias_is_an_error(fp8_checkpoint, tmp_path):
+    folder = copy_checkpoint(fp8_checkpoint[0], tmp_path / "bad")
+    rewrite_shard_without(folder, "model.layers.1.mlp.gate.e_score_correction_bias")
+    with pytest.raises(CheckpointError, match=r"lacks 1 buffers of the model, e.g. \['model.layers.1.mlp.gate.e_score_correction_bias'\]"):
+        DeepseekV3ForCausalLM.from_pretrained(folder)

@@ -51,3 +51,22 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_full_671b_config_builds_on_the_meta_device_with_the_published_parameter_count():
+    import math
+
+    from modeling_deepseek_v3 import DeepseekV3Config
+    from modeling_deepseek_v3.checkpoint_layout import official_tensor_specs
+
+    from _helpers import PRESETS
+
+    config = DeepseekV3Config.from_pretrained(PRESETS / "deepseek-v3-671b.json")
+    with torch.device("meta"):
+        model = DeepseekV3ForCausalLM(config)
+    in_memory = sum(p.numel() for p in model.parameters()) + sum(
+        b.numel() for name, b in model.named_buffers() if name.endswith("e_score_correction_bias"))
+    on_disk = sum(math.prod(spec.shape) for spec in official_tensor_specs(config).values())
+    assert round(on_disk / 1e9) == 684  # the release: "685B" = 671B main model + 14B MTP module
+    # the MTP layer's stored copies of the embedding and head are shared, not separate parameters
+    assert on_disk - in_memory == 2 * config.vocab_size * config.hidden_size
