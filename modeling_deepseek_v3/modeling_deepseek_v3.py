@@ -395,6 +395,22 @@ class DeepseekV3TopkRouter(nn.Module):
         return topk_idx_TK, topk_weight_TK, scores_TE
 
 
+def _accelerate_init_device():
+    """The target device of an active accelerate `init_empty_weights()` / `init_on_device()`, else None.
+
+    Without `include_buffers=True` those patch `register_parameter` to move each parameter after torch created it,
+    so a fused expert tensor would first be allocated on the host: 30 GB a layer for the 671B model, which fails
+    where memory is not overcommitted. The experts allocate on the target device directly instead.
+    """
+    register = nn.Module.register_parameter
+    if getattr(register, "__name__", "") != "register_empty_parameter":
+        return None
+    for cell in getattr(register, "__closure__", None) or ():
+        if isinstance(cell.cell_contents, torch.device):
+            return cell.cell_contents
+    return None
+
+
 class DeepseekV3Experts(nn.Module):
     """The routed experts of one MoE layer, fused: `gate_up_proj` [E, 2I, D] (gate rows first) and `down_proj`
     [E, D, I]. Same names and shapes as transformers' built-in; on disk they are per-expert 2D weights
@@ -409,10 +425,13 @@ class DeepseekV3Experts(nn.Module):
         super().__init__()
         self.config = config
         self.num_experts = config.n_routed_experts
+        device = _accelerate_init_device()
         self.gate_up_proj = nn.Parameter(
-            torch.empty(self.num_experts, 2 * config.moe_intermediate_size, config.hidden_size)
+            torch.empty(self.num_experts, 2 * config.moe_intermediate_size, config.hidden_size, device=device)
         )
-        self.down_proj = nn.Parameter(torch.empty(self.num_experts, config.hidden_size, config.moe_intermediate_size))
+        self.down_proj = nn.Parameter(
+            torch.empty(self.num_experts, config.hidden_size, config.moe_intermediate_size, device=device)
+        )
         self.act_fn = ACT2FN[config.hidden_act]
         self.register_load_state_dict_pre_hook(_fuse_official_expert_keys)
 

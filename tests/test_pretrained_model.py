@@ -70,3 +70,22 @@ def test_full_671b_config_builds_on_the_meta_device_with_the_published_parameter
     assert round(on_disk / 1e9) == 684  # the release: "685B" = 671B main model + 14B MTP module
     # the MTP layer's stored copies of the embedding and head are shared, not separate parameters
     assert on_disk - in_memory == 2 * config.vocab_size * config.hidden_size
+
+
+def test_accelerate_init_empty_weights_builds_the_671b_model_without_allocating_experts():
+    import resource
+
+    from accelerate import init_empty_weights
+
+    from modeling_deepseek_v3 import DeepseekV3Config
+
+    from _helpers import PRESETS
+
+    config = DeepseekV3Config.from_pretrained(PRESETS / "deepseek-v3-671b.json")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with init_empty_weights():
+        model = DeepseekV3ForCausalLM(config)
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    experts = model.model.layers[3].mlp.experts
+    assert experts.gate_up_proj.device.type == "meta" and experts.gate_up_proj.shape == (256, 4096, 7168)
+    assert grown_kib < 2 * 2**20  # well under the 30 GB a layer of fused experts would take
