@@ -254,13 +254,18 @@ class DeepseekV3Attention(nn.Module):
         if past_key_values is not None:
             c_kv_B1Sl, k_pe_B1Sr = past_key_values.update(c_kv_B1Sl, k_pe_B1Sr, self.layer_idx)
 
-        # The absorbed form reads kv_b_proj.weight directly; when accelerate offloads this layer (CPU/disk), that
-        # weight stays on `meta` until kv_b_proj itself is called, so such layers attend in the naive form.
-        if use_absorbed and self.kv_b_proj.weight.device.type != "meta":
+        if use_absorbed and self._can_absorb():
             attn_BHTv = self._attend_absorbed(q_nope_BHTn, q_pe_BHTr, c_kv_B1Sl[:, 0], k_pe_B1Sr[:, 0], attention_bias)
         else:
             attn_BHTv = self._attend_naive(q_nope_BHTn, q_pe_BHTr, c_kv_B1Sl[:, 0], k_pe_B1Sr, attention_bias)
         return self.o_proj(attn_BHTv.transpose(1, 2).reshape(B, T, H * self.v_head_dim))
+
+    def _can_absorb(self) -> bool:
+        """The absorbed form reads `kv_b_proj.weight` as W_UK/W_UV, so it needs a plain nn.Linear with a real weight.
+        A PEFT LoRA wrapper (whose adapter a raw weight read would skip), a quantized linear (packed weight) or a
+        layer accelerate offloads (weight on `meta` until the module is called) attend in the naive form, which
+        calls kv_b_proj."""
+        return type(self.kv_b_proj) is nn.Linear and self.kv_b_proj.weight.device.type != "meta"
 
     def _attend_naive(self, q_nope_BHTn, q_pe_BHTr, c_kv_BSl, k_pe_B1Sr, attention_bias):
         B, H, T, _ = q_nope_BHTn.shape
