@@ -45,15 +45,12 @@ def dequantize_fp8_block(
     dtype: torch.dtype = torch.bfloat16,
     name: str = "weight",
     block_size: int = BLOCK_SIZE,
-    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Exact block dequantization: `weight` [out, in] float8_e4m3fn, `scale_inv` [ceil(out/b), ceil(in/b)] ->
-    [out, in] in `dtype`, computed in float32 and rounded once. Validates shapes and dtypes (errors name `name`).
-    `out`, if given, is a preallocated [out, in] tensor of `dtype` to write into (the converters reuse one)."""
+    [out, in] in `dtype`, computed in float32 and rounded once. Validates shapes and dtypes (errors name `name`)."""
     check_fp8_pair(weight, scale_inv, name, block_size)
     out_features, in_features = weight.shape
-    if out is None:
-        out = torch.empty(out_features, in_features, dtype=dtype, device=weight.device)
+    out = torch.empty(out_features, in_features, dtype=dtype, device=weight.device)
     # One row of blocks at a time: the float32 temporary is block_size rows, not the whole matrix, and each
     # element is converted, multiplied and rounded in a single pass.
     column_scales = scale_inv.to(torch.float32).repeat_interleave(block_size, dim=1)[:, :in_features]

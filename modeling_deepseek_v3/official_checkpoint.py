@@ -75,10 +75,6 @@ class CheckpointReader:
         """Tensor names the index assigns to `filename`, in file order of the index."""
         return [key for key, name in self.weight_map.items() if name == filename]
 
-    def file_keys(self, filename: str) -> set:
-        """Tensor names actually stored in `filename`."""
-        return set(self._open(filename).keys())
-
     def get(self, key: str) -> torch.Tensor:
         """Read one tensor (on the CPU). Errors name the file and the tensor."""
         filename = self.weight_map.get(key)

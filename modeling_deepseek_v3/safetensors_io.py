@@ -83,19 +83,13 @@ def read_header(path) -> tuple[dict, dict]:
     return entries, metadata
 
 
-def read_tensor(f, path, name: str, entry: TensorEntry, buffer: torch.Tensor | None = None) -> torch.Tensor:
-    """Read one tensor from the open binary file `f` (of `path`) with a plain read: no memory map stays behind.
-
-    With `buffer` (a 1D uint8 tensor of at least `entry.nbytes`), the tensor is a view of it: fresh allocations
-    of hundreds of MB cost more in page faults than the read itself, so the converters reuse one per thread.
-    """
+def read_tensor(f, path, name: str, entry: TensorEntry) -> torch.Tensor:
+    """Read one tensor from the open binary file `f` (of `path`) with a plain read: no memory map stays behind."""
     if entry.nbytes == 0:
         return torch.empty(entry.shape, dtype=entry.dtype)
-    target = torch.empty(entry.nbytes, dtype=torch.uint8) if buffer is None else buffer[: entry.nbytes]
-    f.seek(entry.begin)
-    if f.readinto(target.numpy()) != entry.nbytes:
-        raise SafetensorsFormatError(f"{path}: tensor {name}: short read (truncated file?)")
-    return target.view(entry.dtype).reshape(entry.shape)
+    return read_bytes(f, path, name, entry, 0, torch.empty(entry.nbytes, dtype=torch.uint8)).view(
+        entry.dtype
+    ).reshape(entry.shape)
 
 
 def read_bytes(f, path, name: str, entry: TensorEntry, start: int, buffer: torch.Tensor) -> torch.Tensor:
