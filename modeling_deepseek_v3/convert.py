@@ -27,10 +27,9 @@ import torch
 from .checkpoint_layout import from_inference_name, official_tensor_specs, to_inference_name
 from .configuration_deepseek_v3 import DeepseekV3Config
 from .fp8 import BLOCK_SIZE, FP8_DTYPE, SCALE_DTYPES, dequantize_fp8_block, scale_grid_shape
+from .official_checkpoint import INDEX_NAME, SCALE_SUFFIX, layer_index
 from .safetensors_io import SafetensorsFormatError, SafetensorsWriter, nbytes_of, read_bytes, read_header, read_tensor
 
-INDEX_NAME = "model.safetensors.index.json"
-SCALE_SUFFIX = "_scale_inv"
 OUTPUT_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -153,11 +152,6 @@ def _model_config(config_dict: dict, source) -> DeepseekV3Config:
         return DeepseekV3Config(**{k: v for k, v in config_dict.items() if k != "auto_map"})
     except (TypeError, ValueError) as error:
         raise ConversionError(f"{source}: {error}") from None
-
-
-def _layer_index(key):
-    match = re.search(r"(?:^|\.)layers\.(\d+)\.", key)
-    return int(match.group(1)) if match else None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -370,7 +364,7 @@ def to_inference(src, dst, model_parallel: int, overwrite: bool = False, progres
     pieces = {}  # source key -> list of (rank, name, dim)
     rank_entries = [{} for _ in range(mp)]
     for key in sorted(source.weight_map, key=_natural_key):
-        layer = _layer_index(key)
+        layer = layer_index(key)
         if layer is not None and layer >= config.num_hidden_layers:
             continue
         try:

@@ -171,8 +171,9 @@ def _resolve_device_map(model, device_map, max_memory, dtype):
     return {name: (f"cuda:{dev}" if isinstance(dev, int) else str(dev)) for name, dev in resolved.items()}
 
 
-def _device_for(name: str, device_map: dict) -> str:
-    best, best_len = device_map.get("", "cpu"), -1
+def device_for(name: str, device_map: dict, default="cpu"):
+    """The device a `device_map` ({module prefix: device}) gives to parameter/module `name` (longest prefix)."""
+    best, best_len = device_map.get("", default), -1
     for prefix, device in device_map.items():
         if prefix and (name == prefix or name.startswith(prefix + ".")) and len(prefix) > best_len:
             best, best_len = device, len(prefix)
@@ -226,12 +227,12 @@ def load_fp8_checkpoint(model_class, folder, config, dtype=torch.bfloat16, devic
             param_name, expert, half = official_key_to_parameter(name)
             is_buffer = param_name.endswith("e_score_correction_bias")
             if param_name not in params and not (is_buffer and _has_buffer(model, param_name)):
-                layer = _layer_index(key)
+                layer = layer_index(key)
                 if layer is not None and layer >= config.num_hidden_layers:
                     skipped.append(key)
                     continue
                 raise CheckpointError(f"{reader.folder / filename}: tensor {key} does not belong to the model of {config.__class__.__name__}")
-            device = _device_for(param_name, placement)
+            device = device_for(param_name, placement)
             value = read_official_tensor(reader, key, dtype, device)
             if expert is None:
                 expected = tuple(params[param_name].shape) if param_name in params else tuple(model.get_buffer(param_name).shape)
@@ -262,7 +263,7 @@ def load_fp8_checkpoint(model_class, folder, config, dtype=torch.bfloat16, devic
         if missing:
             raise CheckpointError(f"{folder}: {param_name} is missing experts {sorted({e for e, _ in missing})[:10]}")
     missing = [name for name, p in model.named_parameters() if p.device.type == "meta"]
-    mtp_missing = [name for name in missing if (_layer_index(name) or -1) >= config.num_hidden_layers]
+    mtp_missing = [name for name in missing if (layer_index(name) or -1) >= config.num_hidden_layers]
     if len(mtp_missing) != len(missing):
         other = [name for name in missing if name not in mtp_missing]
         raise CheckpointError(f"{folder}: the checkpoint lacks {len(other)} tensors of the model, e.g. {other[:5]}")
@@ -296,7 +297,7 @@ def _materialize_buffers(model, placement, folder, config):
 
     missing = []
     for name, buffer in list(model.named_buffers()):
-        device = _device_for(name, placement)
+        device = device_for(name, placement)
         if buffer.device.type != "meta":
             if buffer.device != torch.device(device):
                 set_module_tensor_to_device(model, name, device, value=buffer)
@@ -304,7 +305,7 @@ def _materialize_buffers(model, placement, folder, config):
         leaf = name.rsplit(".", 1)[-1]
         if leaf == "inv_freq":
             value = compute_rope_inv_freq(config)[0]
-        elif leaf == "expert_load" or (_layer_index(name) or -1) >= config.num_hidden_layers:
+        elif leaf == "expert_load" or (layer_index(name) or -1) >= config.num_hidden_layers:
             value = torch.zeros(buffer.shape, dtype=buffer.dtype)
         else:
             missing.append(name)
@@ -322,7 +323,8 @@ def _has_buffer(model, name):
         return False
 
 
-def _layer_index(key: str):
+def layer_index(key: str) -> int | None:
+    """The decoder-layer index in a tensor or module name (`...layers.{L}...`), or None."""
     parts = key.split(".")
     for i, part in enumerate(parts[:-1]):
         if part == "layers" and parts[i + 1].isdigit():
@@ -335,7 +337,7 @@ def _initialize_missing(model, names, placement, dtype):
 
     for name in names:
         param = model.get_parameter(name)
-        device = _device_for(name, placement)
+        device = device_for(name, placement)
         set_module_tensor_to_device(
             model, name, device, value=torch.empty(param.shape, dtype=dtype, device=device), dtype=dtype
         )
@@ -420,8 +422,10 @@ def _official_value(state: dict, key: str, config) -> torch.Tensor:
 __all__ = [
     "CheckpointError",
     "CheckpointReader",
+    "device_for",
     "drop_quantization_config",
     "fp8_quantization_config",
+    "layer_index",
     "load_fp8_checkpoint",
     "read_official_tensor",
     "write_official_checkpoint",

@@ -22,6 +22,7 @@ import torch
 
 from .configuration_deepseek_v3 import DeepseekV3Config
 from .modeling_deepseek_v3 import DeepseekV3ForCausalLM
+from .official_checkpoint import device_for
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
@@ -73,10 +74,10 @@ def plan(config: DeepseekV3Config, max_memory: dict, dtype: torch.dtype = torch.
     devices = defaultdict(lambda: {"weights": 0, "cache": 0, "layers": []})
     cache_per_layer = (config.kv_lora_rank + config.qk_rope_head_dim) * torch.empty((), dtype=dtype).element_size()
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-        device = _device_of(name, resolved)
+        device = device_for(name, resolved, default=None)
         devices[device]["weights"] += tensor.numel() * tensor.element_size()
     for layer in range(config.num_hidden_layers + config.num_nextn_predict_layers):
-        device = _device_of(f"model.layers.{layer}", resolved)
+        device = device_for(f"model.layers.{layer}", resolved, default=None)
         devices[device]["layers"].append(layer)
         if layer < config.num_hidden_layers:  # the MTP layers hold no cache in decoding
             devices[device]["cache"] += cache_per_layer * context * batch
@@ -86,14 +87,6 @@ def plan(config: DeepseekV3Config, max_memory: dict, dtype: torch.dtype = torch.
     fits = all(d != "disk" and (s["budget"] is None or s["weights"] + s["cache"] <= s["budget"])
                for d, s in devices.items())
     return {"device_map": resolved, "devices": dict(devices), "fits": fits}
-
-
-def _device_of(name: str, device_map: dict):
-    best, best_len = device_map.get(""), -1
-    for prefix, device in device_map.items():
-        if prefix and (name == prefix or name.startswith(prefix + ".")) and len(prefix) > best_len:
-            best, best_len = device, len(prefix)
-    return best
 
 
 def _layers_text(layers: list) -> str:
