@@ -798,9 +798,12 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
         (busiest expert's token count over the mean) and `layer_{i}/bias_norm`, and overall `max_over_mean_load`
         (mean over layers), `max_over_mean_load_worst`, `bias_norm` and `tokens_routed`. Counts are summed over
         data-parallel ranks when torch.distributed is initialized."""
+        routers = self.expert_routers()
+        return self._load_statistics(routers, [_all_reduced(router.expert_load) for router in routers], reset)
+
+    def _load_statistics(self, routers: list, loads: list, reset: bool) -> dict:
         stats, ratios, bias_sq, tokens = {}, [], 0.0, 0.0
-        for router in self.expert_routers():
-            load = _all_reduced(router.expert_load)
+        for router, load in zip(routers, loads):
             total = float(load.sum())
             ratio = float(load.max() / load.mean()) if total > 0 else float("nan")
             bias = router.e_score_correction_bias
@@ -829,12 +832,12 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
         `expert_load_statistics()` of the step (measured before the update).
         """
         gamma = self.config.bias_update_speed
-        for router in self.expert_routers():
-            load = _all_reduced(router.expert_load)
+        routers = self.expert_routers()
+        loads = [_all_reduced(router.expert_load) for router in routers]  # one all-reduce per layer and step
+        for router, load in zip(routers, loads):
             if gamma and router.e_score_correction_bias is not None and load.sum() > 0:
                 router.e_score_correction_bias.add_(torch.sign(load.mean() - load), alpha=gamma)
-        stats = self.expert_load_statistics(reset=True)
-        return stats
+        return self._load_statistics(routers, loads, reset=True)
 
     def save_pretrained(self, save_directory, *args, state_dict: dict | None = None, **kwargs):
         """`PreTrainedModel.save_pretrained` in the official layout: per-expert keys (reverted by transformers'
