@@ -27,7 +27,7 @@ import torch
 from .checkpoint_layout import from_inference_name, official_tensor_specs, to_inference_name
 from .configuration_deepseek_v3 import DeepseekV3Config
 from .fp8 import BLOCK_SIZE, FP8_DTYPE, SCALE_DTYPES, dequantize_fp8_block, scale_grid_shape
-from .official_checkpoint import INDEX_NAME, SCALE_SUFFIX, layer_index
+from .official_checkpoint import INDEX_NAME, SCALE_SUFFIX, CheckpointError, layer_index, read_weight_map
 from .safetensors_io import SafetensorsFormatError, SafetensorsWriter, nbytes_of, read_bytes, read_header, read_tensor
 
 OUTPUT_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -49,16 +49,11 @@ class SourceCheckpoint:
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise ConversionError(f"{self.folder}: no such checkpoint folder")
-        index_path = self.folder / INDEX_NAME
-        if index_path.exists():
-            try:
-                self.weight_map = dict(json.loads(index_path.read_text())["weight_map"])
-            except (json.JSONDecodeError, KeyError, TypeError) as error:
-                raise ConversionError(f"{index_path}: expected JSON with a 'weight_map' object ({error})") from None
-            missing = sorted({f for f in self.weight_map.values() if not (self.folder / f).is_file()})
-            if missing:
-                raise ConversionError(f"{index_path}: names shard files that do not exist: {', '.join(missing)}")
-        else:
+        try:
+            self.weight_map = read_weight_map(self.folder)
+        except CheckpointError as error:
+            raise ConversionError(str(error)) from None
+        if self.weight_map is None:
             files = sorted(p.name for p in self.folder.glob("*.safetensors"))
             if not files:
                 raise ConversionError(f"{self.folder}: no *.safetensors files")

@@ -33,6 +33,22 @@ class CheckpointError(ValueError):
     """A checkpoint folder is incomplete, corrupt or does not match its config (the message names file/tensor)."""
 
 
+def read_weight_map(folder) -> dict | None:
+    """{tensor: shard file} from `folder`'s `model.safetensors.index.json` (None without one), checked to name
+    only files that exist. Errors name the index file."""
+    index_path = Path(folder) / INDEX_NAME
+    if not index_path.exists():
+        return None
+    try:
+        weight_map = dict(json.loads(index_path.read_text())["weight_map"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{index_path}: expected JSON with a 'weight_map' object ({error})") from None
+    missing = sorted({f for f in weight_map.values() if not (Path(folder) / f).is_file()})
+    if missing:
+        raise CheckpointError(f"{index_path}: names shard files that do not exist: {', '.join(missing)}")
+    return weight_map
+
+
 class CheckpointReader:
     """Lazy access to the tensors of a safetensors checkpoint folder.
 
@@ -45,16 +61,9 @@ class CheckpointReader:
         if not self.folder.is_dir():
             raise CheckpointError(f"{self.folder}: expected a checkpoint folder, found none")
         self._handles = {}
-        index_path = self.folder / INDEX_NAME
-        if index_path.exists():
-            try:
-                weight_map = json.loads(index_path.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as error:
-                raise CheckpointError(f"{index_path}: expected JSON with a 'weight_map' object ({error})") from None
-            missing = sorted({f for f in weight_map.values() if not (self.folder / f).is_file()})
-            if missing:
-                raise CheckpointError(f"{index_path}: names shard files that do not exist: {', '.join(missing)}")
-            self.weight_map = dict(weight_map)
+        weight_map = read_weight_map(self.folder)
+        if weight_map is not None:
+            self.weight_map = weight_map
         else:
             files = sorted(p.name for p in self.folder.glob("*.safetensors"))
             if not files:
@@ -427,6 +436,7 @@ __all__ = [
     "fp8_quantization_config",
     "layer_index",
     "load_fp8_checkpoint",
+    "read_weight_map",
     "read_official_tensor",
     "write_official_checkpoint",
 ]
