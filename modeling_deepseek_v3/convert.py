@@ -27,7 +27,7 @@ import torch
 from .checkpoint_layout import from_inference_name, official_tensor_specs, to_inference_name
 from .configuration_deepseek_v3 import DeepseekV3Config
 from .fp8 import BLOCK_SIZE, FP8_DTYPE, SCALE_DTYPES, dequantize_fp8_block, scale_grid_shape
-from .official_checkpoint import INDEX_NAME, SCALE_SUFFIX, CheckpointError, layer_index, read_weight_map
+from .official_checkpoint import INDEX_NAME, SCALE_SUFFIX, CheckpointError, fp8_quantization_config, layer_index, read_weight_map
 from .safetensors_io import SafetensorsFormatError, SafetensorsWriter, nbytes_of, read_bytes, read_header, read_tensor
 
 OUTPUT_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -216,13 +216,13 @@ def fp8_to_bf16(src, dst, dtype: str = "bf16", overwrite: bool = False, workers:
     out_dtype = OUTPUT_DTYPES[dtype]
     source = SourceCheckpoint(src)
     config = source.config()
-    qc = config.get("quantization_config") or {}
-    if qc.get("quant_method") != "fp8":
+    try:
+        qc = fp8_quantization_config(config)
+    except ValueError as error:
+        raise ConversionError(f"{src / 'config.json'}: {error}") from None
+    if qc is None:
         raise ConversionError(f"{src / 'config.json'}: expected an FP8 checkpoint (quantization_config.quant_method "
                               f"'fp8'), found quantization_config={config.get('quantization_config')!r}")
-    if list(qc.get("weight_block_size", [BLOCK_SIZE, BLOCK_SIZE])) != [BLOCK_SIZE, BLOCK_SIZE]:
-        raise ConversionError(f"{src / 'config.json'}: quantization_config.weight_block_size: expected [128, 128], "
-                              f"found {qc.get('weight_block_size')}")
     plan = _plan_dequantization(source, out_dtype)
     partial = _partial_dir(src, dst, overwrite, keep_existing_partial=True)
 

@@ -109,9 +109,10 @@ class CheckpointReader:
 
 
 def fp8_quantization_config(config) -> dict | None:
-    """The config's quantization_config as a dict when it describes the official FP8 block format, else None.
-    Raises ValueError naming the field when it claims FP8 in a form this package cannot read."""
-    qc = getattr(config, "quantization_config", None)
+    """The quantization_config of `config` (a config object, or the dict of a config.json) as a dict when it
+    describes the official FP8 block format, else None. Raises ValueError naming the field when it claims FP8 in
+    a form this package cannot read."""
+    qc = config.get("quantization_config") if isinstance(config, dict) else getattr(config, "quantization_config", None)
     if qc is None:
         return None
     if not isinstance(qc, dict):
