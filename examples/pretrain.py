@@ -12,8 +12,8 @@ standard library's own sources (5% of the files held out), so nothing is downloa
         --batch-size 16 --grad-accum 2 --lr 1e-3 --no-mtp --no-balancing --bf16 --gradient-checkpointing
     python examples/evaluate.py --model out/tiny
 
-Writes to `--output-dir`: the model (`save_pretrained`, official layout), its tokenizer, and the Trainer's
-`log_history.json`. Prints tokens/s at the end. `examples/finetune.py` reuses this file's training helpers.
+Writes to `--output-dir`: the model (`save_pretrained`, official layout), its tokenizer, the Trainer's
+`log_history.json` and `train_summary.json` (tokens/s, MFU on a known GPU). Prints tokens/s at the end. `examples/finetune.py` reuses this file's training helpers.
 """
 
 import argparse
@@ -31,7 +31,7 @@ from modeling_deepseek_v3.data import (
     documents_from_args,
     train_bpe_tokenizer,
 )
-from modeling_deepseek_v3.training import DeepseekV3Trainer
+from modeling_deepseek_v3.training import DeepseekV3Trainer, peak_bf16_flops, training_flops_per_token
 
 PRESETS = Path(__file__).resolve().parent.parent / "configuration"
 
@@ -132,9 +132,20 @@ def train_and_save(args: argparse.Namespace, model, tokenizer: PreTrainedTokeniz
     (output_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
     tokens = trainer.state.num_input_tokens_seen
     seconds = result.metrics["train_runtime"]
-    print(f"saved the model, tokenizer and log_history.json to {output_dir}")
+    # MFU: model FLOPs (6 per weight a token uses, plus causal attention; MTP only when trained) over the GPU's
+    # dense bf16 peak. The Trainer's runtime includes data loading, logging and the bias update.
+    config = model.config
+    flops = training_flops_per_token(config, args.block_size, include_mtp=config.mtp_loss_weight > 0) * tokens
+    peak = peak_bf16_flops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
+    summary = {"steps": trainer.state.global_step, "tokens": tokens, "seconds": seconds,
+               "tokens_per_s": tokens / seconds, "model_flops": flops,
+               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+               "mfu": flops / seconds / peak if peak else None}
+    (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"saved the model, tokenizer, log_history.json and train_summary.json to {output_dir}")
+    mfu = f", MFU {summary['mfu']:.1%} of the {summary['device']} bf16 peak" if summary["mfu"] else ""
     print(f"trained {trainer.state.global_step} steps, {tokens:,} tokens in {seconds:.1f} s: "
-          f"{tokens / seconds:,.0f} tokens/s")
+          f"{tokens / seconds:,.0f} tokens/s{mfu}")
 
 
 def parse_args():

@@ -122,4 +122,49 @@ class DeepseekV3Trainer(Trainer):
         return super().log(logs, *args, **kwargs)
 
 
-__all__ = ["DeepseekV3Trainer", "ExpertBiasUpdateCallback", "MTPLossWeightSchedule"]
+def training_flops_per_token(config, seq_len: int, include_mtp: bool = True) -> float:
+    """Model FLOPs of one training token (forward + backward = 3x forward), for MFU.
+
+    Matrix multiplies count 6 FLOPs per weight a token uses: attention projections, dense MLPs, shared experts, the
+    `num_experts_per_tok` routed experts and the router of each MoE layer, the LM head; with `include_mtp`, each MTP
+    module (its `eh_proj`, one decoder layer and the shared LM head). Causal attention adds
+    `3 * 2 * heads * (qk_head_dim + v_head_dim) * seq_len / 2` per layer (scores and values over the mean causal
+    context). Norms, RoPE, softmax and the embedding lookup are not counted (as in the PaLM MFU convention).
+    """
+    D, H = config.hidden_size, config.num_attention_heads
+    q = (D * config.q_lora_rank + config.q_lora_rank * H * config.qk_head_dim if config.q_lora_rank
+         else D * H * config.qk_head_dim)
+    attention = (q + D * (config.kv_lora_rank + config.qk_rope_head_dim)
+                 + config.kv_lora_rank * H * (config.qk_nope_head_dim + config.v_head_dim) + H * config.v_head_dim * D)
+    dense_mlp = 3 * D * config.intermediate_size
+    moe_mlp = (3 * D * config.moe_intermediate_size * (config.num_experts_per_tok + (config.n_shared_experts or 0))
+               + D * config.n_routed_experts)
+
+    def layer_weights(index: int) -> int:
+        return attention + (moe_mlp if config.is_moe_layer(index) else dense_mlp)
+
+    head = D * config.vocab_size
+    weights = sum(layer_weights(i) for i in range(config.num_hidden_layers)) + head
+    layers = config.num_hidden_layers
+    if include_mtp:
+        for k in range(config.num_nextn_predict_layers):
+            weights += 2 * D * D + layer_weights(config.num_hidden_layers + k) + head
+        layers += config.num_nextn_predict_layers
+    attention_scores = 3 * 2 * H * (config.qk_head_dim + config.v_head_dim) * seq_len / 2
+    return 6 * weights + layers * attention_scores
+
+
+# Dense bf16 tensor-core peak (no sparsity) of the GPUs the benchmarks name, in FLOP/s.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "L40S": 362e12}
+
+
+def peak_bf16_flops(device_name: str) -> float | None:
+    """The dense bf16 peak of a GPU from its name (`torch.cuda.get_device_name()`), or None when unknown."""
+    for key, flops in PEAK_BF16_FLOPS.items():
+        if key in device_name:
+            return flops
+    return None
+
+
+__all__ = ["DeepseekV3Trainer", "ExpertBiasUpdateCallback", "MTPLossWeightSchedule", "peak_bf16_flops",
+           "training_flops_per_token"]

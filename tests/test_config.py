@@ -84,3 +84,9 @@ def test_documented_training_defaults():
 def test_inconsistent_values_are_rejected_naming_the_field(overrides, field):
     with pytest.raises(ValueError, match=f"DeepseekV3Config.{field}"):
         tiny_config(**overrides)
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in PRESETS.glob("*.json")))
+def test_every_preset_is_a_valid_config(preset):
+    config = DeepseekV3Config.from_pretrained(PRESETS / preset)
+    assert config.model_type == "deepseek_v3" and config.num_hidden_layers > config.first_k_dense_replace

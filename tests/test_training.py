@@ -148,3 +148,26 @@ def test_mtp_weight_schedule_picks_the_last_started_phase():
     assert schedule.weight_at(0) == 0.3 and schedule.weight_at(99) == 0.3 and schedule.weight_at(100) == 0.1
     with pytest.raises(ValueError, match="starting at step 0"):
         MTPLossWeightSchedule([(5, 0.3)])
+
+
+def test_training_flops_count_six_flops_per_weight_a_token_uses():
+    """The FLOPs estimate for MFU equals 6 x the matmul weights one token touches, counted from the module tree
+    (routed experts scaled by K/E, the MTP module's shared LM head counted again), plus the causal attention term."""
+    from modeling_deepseek_v3.training import training_flops_per_token
+
+    model = random_model(tiny_config(), seed=0)
+    config = model.config
+    used = 0
+    for name, p in model.named_parameters():
+        if p.dim() < 2 or "embed_tokens" in name:
+            continue  # norms, router bias, the embedding lookup
+        n = p.numel()
+        if ".experts." in name:
+            n = n * config.num_experts_per_tok // config.n_routed_experts
+        used += n
+    used += config.num_nextn_predict_layers * model.lm_head.weight.numel()  # the MTP head is the main head again
+    assert training_flops_per_token(config, seq_len=0) == 6 * used
+    layers = config.num_hidden_layers + config.num_nextn_predict_layers
+    extra = training_flops_per_token(config, seq_len=64) - training_flops_per_token(config, seq_len=0)
+    assert extra == layers * 3 * 2 * config.num_attention_heads * (config.qk_head_dim + config.v_head_dim) * 32
+    assert training_flops_per_token(config, 0, include_mtp=False) < training_flops_per_token(config, 0)

@@ -58,6 +58,9 @@ def test_pretrain_saves_a_loadable_model_tokenizer_and_log_history(pretrained):
     losses = [entry["loss"] for entry in history if "loss" in entry]
     assert len(losses) >= 5 and all(math.isfinite(loss) for loss in losses)
     assert any("eval_loss" in entry for entry in history)
+    summary = json.loads((output / "train_summary.json").read_text())
+    assert summary["steps"] == 10 and summary["tokens"] == 10 * 4 * 32
+    assert summary["tokens_per_s"] == pytest.approx(summary["tokens"] / summary["seconds"])
     assert max(entry.get("step", 0) for entry in history) == 10
     assert "tokens/s" in stdout.splitlines()[-1]
 
