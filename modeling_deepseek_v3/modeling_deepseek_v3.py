@@ -762,18 +762,26 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
         FP8 weight becomes `fp8 * weight_scale_inv` on the 128x128 ceil grid, computed in float32 and rounded
         once to `dtype` (bfloat16 by default, or float32), one shard at a time, placed by `device_map` (None, a
         device, "auto"/"balanced"/"sequential" with `max_memory`, or a dict). The result is a plain model whose
-        config no longer has a `quantization_config`. Everything else goes to transformers unchanged, and so does
-        an FP8 checkpoint when the caller passes its own `quantization_config`.
+        config no longer has a `quantization_config`.
+
+        `quantization_config=BitsAndBytesConfig(load_in_4bit=True | load_in_8bit=True, ...)` takes the same
+        streaming path, from the FP8 release or a BF16/FP32 official-layout folder: every linear and the routed
+        experts are quantized on their device as they are read (quantization.py; transformers' own bitsandbytes
+        path would leave the fused experts in bf16). Everything else goes to transformers unchanged.
         """
+        from .quantization import bitsandbytes_config
+
         config = kwargs.get("config")
         if not isinstance(config, PretrainedConfig):  # a path or None: peek at config.json
             hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
             config = cls.config_class.from_pretrained(config or pretrained_model_name_or_path, **hub_kwargs)
-        if fp8_quantization_config(config) is None or kwargs.get("quantization_config") is not None:
+        quantization = kwargs.get("quantization_config")
+        bitsandbytes = quantization is not None and bitsandbytes_config(quantization) is not None
+        if not bitsandbytes and (fp8_quantization_config(config) is None or quantization is not None):
             return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         if model_args:
-            raise TypeError("from_pretrained: positional model arguments are not supported for FP8 checkpoints")
-        return _load_fp8(cls, pretrained_model_name_or_path, config, dict(kwargs))
+            raise TypeError("from_pretrained: positional model arguments are not supported for FP8 or bitsandbytes loads")
+        return _load_streaming(cls, pretrained_model_name_or_path, config, dict(kwargs))
 
     def expert_routers(self) -> list:
         """The routers of every MoE layer (MTP layers included), in layer order."""
@@ -842,6 +850,12 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
     def save_pretrained(self, save_directory, *args, state_dict: dict | None = None, **kwargs):
         """`PreTrainedModel.save_pretrained` in the official layout: per-expert keys (reverted by transformers'
         conversion machinery) plus the MTP layers' copies of the shared embedding and head."""
+        if getattr(self, "is_loaded_in_4bit", False) or getattr(self, "is_loaded_in_8bit", False):
+            raise NotImplementedError(
+                "save_pretrained: a bitsandbytes-quantized DeepseekV3 model has no official-layout form; save the "
+                "LoRA adapter (PeftModel.save_pretrained), or load the checkpoint without quantization_config, "
+                "apply the adapter, merge_and_unload() and save that"
+            )
         if state_dict is None and self.config.num_nextn_predict_layers > 0:
             state_dict = mtp_shared_copies(self, self.state_dict())
         return super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
@@ -859,9 +873,15 @@ _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revi
 _IGNORED_FP8_KWARGS = ("low_cpu_mem_usage", "trust_remote_code", "use_safetensors", "code_revision", "adapter_kwargs")
 
 
-def _load_fp8(model_class, name_or_path, config, kwargs):
-    """The FP8 branch of `from_pretrained`: resolve the folder and keyword arguments, then stream-load."""
+def _load_streaming(model_class, name_or_path, config, kwargs):
+    """The FP8 and bitsandbytes branch of `from_pretrained`: resolve the folder and keyword arguments, then
+    stream-load."""
     kwargs.pop("config", None)
+    quantizer = None
+    if kwargs.get("quantization_config") is not None:
+        from .quantization import BitsAndBytesQuantizer, bitsandbytes_config
+
+        quantizer = BitsAndBytesQuantizer(bitsandbytes_config(kwargs.pop("quantization_config")))
     dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
     if dtype in (None, "auto"):
         dtype = torch.bfloat16
@@ -869,6 +889,8 @@ def _load_fp8(model_class, name_or_path, config, kwargs):
     if dtype not in (torch.bfloat16, torch.float32, torch.float16):
         raise ValueError(f"from_pretrained(dtype=...): expected bfloat16, float32 or float16 for an FP8 checkpoint, found {dtype}")
     device_map = kwargs.pop("device_map", None)
+    if device_map is None and quantizer is not None and torch.cuda.is_available():
+        device_map = {"": torch.cuda.current_device()}  # as transformers places a bitsandbytes model
     max_memory = kwargs.pop("max_memory", None)
     attn_implementation = kwargs.pop("attn_implementation", None)
     hub_kwargs = {k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs}
@@ -891,7 +913,7 @@ def _load_fp8(model_class, name_or_path, config, kwargs):
             folder = os.path.join(folder, subfolder)
     elif hub_kwargs.get("subfolder"):
         folder = os.path.join(folder, hub_kwargs["subfolder"])
-    return load_fp8_checkpoint(model_class, folder, config, dtype, device_map, max_memory)
+    return load_fp8_checkpoint(model_class, folder, config, dtype, device_map, max_memory, quantizer)
 
 
 class DeepseekV3Model(DeepseekV3PreTrainedModel):

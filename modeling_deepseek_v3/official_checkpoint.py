@@ -190,7 +190,8 @@ def device_for(name: str, device_map: dict, default="cpu"):
     return best
 
 
-def load_fp8_checkpoint(model_class, folder, config, dtype=torch.bfloat16, device_map=None, max_memory=None):
+def load_fp8_checkpoint(model_class, folder, config, dtype=torch.bfloat16, device_map=None, max_memory=None,
+                        quantizer=None):
     """Instantiate `model_class` (DeepseekV3ForCausalLM or DeepseekV3Model) from the official FP8 checkpoint in
     `folder`, dequantized to `dtype` (bfloat16 or float32), placed by `device_map`.
 
@@ -198,6 +199,10 @@ def load_fp8_checkpoint(model_class, folder, config, dtype=torch.bfloat16, devic
     MTP layers' stored copies of the shared embedding/head, and MTP layers the config does not ask for), and so is
     a model tensor the checkpoint lacks (except whole MTP layers, which are then initialized and reported).
     `config.quantization_config` is removed: the loaded model is a plain BF16/FP32 model.
+
+    With a `quantizer` (`quantization.BitsAndBytesQuantizer`) the folder may also be an unquantized checkpoint in
+    the official layout: the quantizer swaps the meta model's linears and experts for bitsandbytes modules, and
+    each weight is quantized on its device as it is read (the model keeps the quantizer's `quantization_config`).
     """
     from accelerate import dispatch_model
     from accelerate.utils import set_module_tensor_to_device
@@ -209,6 +214,8 @@ def load_fp8_checkpoint(model_class, folder, config, dtype=torch.bfloat16, devic
     # fused expert tensors (30 GB a layer for the 671B model) before moving them to meta.
     with torch.device("meta"):
         model = model_class(config)
+    if quantizer is not None:
+        quantizer.prepare(model)
     is_causal_lm = hasattr(model, "lm_head")
     placement = _resolve_device_map(model, device_map, max_memory, dtype)
     params = dict(model.named_parameters())
@@ -235,6 +242,11 @@ def load_fp8_checkpoint(model_class, folder, config, dtype=torch.bfloat16, devic
             if name is None:
                 continue
             param_name, expert, half = official_key_to_parameter(name)
+            if quantizer is not None:
+                device = device_for(param_name, placement)
+                read = lambda: read_official_tensor(reader, key, dtype, device)  # noqa: E731
+                if quantizer.place(model, param_name, expert, half, read, device):
+                    continue
             is_buffer = param_name.endswith("e_score_correction_bias")
             if param_name not in params and not (is_buffer and _has_buffer(model, param_name)):
                 layer = layer_index(key)
@@ -277,12 +289,17 @@ def load_fp8_checkpoint(model_class, folder, config, dtype=torch.bfloat16, devic
     if len(mtp_missing) != len(missing):
         other = [name for name in missing if name not in mtp_missing]
         raise CheckpointError(f"{folder}: the checkpoint lacks {len(other)} tensors of the model, e.g. {other[:5]}")
+    if mtp_missing and quantizer is not None:
+        raise CheckpointError(f"{folder}: the checkpoint has no MTP layer weights; load it with "
+                              f"num_nextn_predict_layers=0 to quantize it")
     if mtp_missing:
         logger.warning("%s has no MTP layer weights: %d MTP tensors are freshly initialized", folder, len(mtp_missing))
         _initialize_missing(model, mtp_missing, placement, dtype)
     if skipped:
         logger.info("skipped %d tensors of MTP layers the config does not ask for (%s...)", len(skipped), skipped[0])
     _materialize_buffers(model, placement, folder, config)
+    if quantizer is not None:
+        quantizer.finish(model, folder)
 
     model.eval()
     model.config.dtype = dtype
