@@ -25,14 +25,9 @@ bitsandbytes is imported lazily (inside try blocks) so that the modeling file, w
 a quantized load, still works as Hub remote code where bitsandbytes is not installed.
 """
 
-import logging
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
-
-logger = logging.getLogger(__name__)
 
 
 def _bitsandbytes():
