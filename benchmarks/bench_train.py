@@ -4,13 +4,14 @@ Builds the preset (default: V3-Lite cut to 8 layers) with random bf16 weights on
 backward of one batch (`--batch` x `--seq` random tokens, labels = inputs, no optimizer step; gradients are bf16
 like the weights and set to None after each step) with and without gradient checkpointing. Then moves the weights to
 host memory, builds transformers' built-in `DeepseekV3ForCausalLM` from the same state dict and measures it the
-same way. Prints tokens/s, peak GPU memory (weights and gradients included), MFU and the ratios.
+same way. Prints tokens/s, peak GPU memory (weights and gradients included), MFU and the ratios. `--compile model|layers`
+applies the same `torch.compile` to both models.
 
 Both models train as they would in a real run: ours computes the LM loss, the sequence-wise balance loss and counts
 the routed tokens for the bias update (and the MTP loss with `--mtp`; the built-in has no MTP module, so the
 default compares without it); the built-in computes the LM loss.
 
-    python benchmarks/bench_train.py --preset deepseek-v3-lite --layers 8 --seq 4096 --batch 1
+    python benchmarks/bench_train.py --preset deepseek-v3-lite --layers 8 --seq 4096 --batch 1 [--compile layers]
 """
 
 import argparse
@@ -47,8 +48,13 @@ def measure(model, args, vocab: int) -> dict:
     for checkpointing in (False, True):
         (enable_checkpointing if checkpointing else disable_checkpointing)(model)
         step_fn = model
-        if args.compile:
+        if args.compile == "model":
             step_fn = torch.compile(model)
+        elif args.compile == "layers":
+            # Regional: each decoder layer compiled in place (identical layers share the compiled code); the
+            # checkpointing wrapper stays outside the compiled region, so it still frees the layer's activations.
+            for layer in model.model.layers:
+                layer.compile()
 
         def step():
             loss = step_fn(input_ids=ids, labels=ids).loss
@@ -85,7 +91,8 @@ def main():
     parser.add_argument("--steps", type=int, default=10, help="timed steps (median)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--mtp", action="store_true", help="keep the preset's MTP module (ours only)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile both models' forward")
+    parser.add_argument("--compile", choices=["model", "layers"],
+                        help="torch.compile both models: the whole model, or each decoder layer (regional)")
     parser.add_argument("--skip-builtin", action="store_true")
     parser.add_argument("--json", help="write the numbers here")
     args = parser.parse_args()
@@ -126,7 +133,7 @@ def main():
     print(f"\n{device}; torch {torch.__version__}; transformers {transformers.__version__}; preset {args.preset} cut to "
           f"{config.num_hidden_layers} layers{' + MTP' if args.mtp else ''}, {n_params / 1e9:.2f}B parameters, bf16 "
           f"weights and gradients, batch {args.batch} x {args.seq} tokens, forward + backward"
-          f"{', torch.compile' if args.compile else ''}")
+          f"{f', torch.compile ({args.compile})' if args.compile else ', eager'}")
     print(f"{'workload':<34} {'ours':>10} {'transformers':>13} {'ratio':>7}")
     for key in ("plain", "checkpointing"):
         o, t = rows["ours"][key], rows.get("transformers", {}).get(key)

@@ -12,7 +12,7 @@ same data, seed and steps:
 evaluates each on the held-out files (examples/evaluate.py: main-head perplexity and expert load), and writes
 `summary.json`, `summary.md` (the table) and, where matplotlib is installed, `curves.png` (LM and MTP loss, and
 max/mean expert load over training) to `--output-dir`. `--plot-only` redraws the table and the plot from a finished
-output folder.
+output folder (from its summary.json where present).
 
     python benchmarks/pretrain_demo.py --output-dir out/demo                  # on one GPU: a few minutes a run
     python benchmarks/pretrain_demo.py --output-dir out/demo --plot-only --png benchmarks/figures/pretrain_demo.png
@@ -33,12 +33,12 @@ def parse_args():
     parser.add_argument("--output-dir", default="out/demo")
     parser.add_argument("--preset", default="deepseek-v3-small")
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
-    parser.add_argument("--max-steps", type=int, default=1200)
+    parser.add_argument("--max-steps", type=int, default=1000)
     parser.add_argument("--block-size", type=int, default=512)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--warmup-steps", type=int, default=100)
-    parser.add_argument("--logging-steps", type=int, default=25)
+    parser.add_argument("--warmup-steps", type=int, default=50)
+    parser.add_argument("--logging-steps", type=int, default=20)
     parser.add_argument("--eval-blocks", type=int, default=400, help="held-out blocks for the perplexity")
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--no-bf16", action="store_true", help="float32 training (default: bf16 autocast)")
@@ -153,9 +153,11 @@ def main():
             run([sys.executable, REPO / "examples" / "evaluate.py", "--model", output / name,
                  "--block-size", args.block_size, "--max-blocks", args.eval_blocks, "--batch-size", 16,
                  "--json", output / name / "eval.json"])
-    runs = [name for name in RUNS if (output / name / "eval.json").exists()]
-    summary = summarize(output, runs)
-    (output / "summary.json").write_text(json.dumps(summary, indent=1))
+    if args.plot_only and (output / "summary.json").exists():
+        summary = json.loads((output / "summary.json").read_text())
+    else:
+        summary = summarize(output, [name for name in RUNS if (output / name / "eval.json").exists()])
+        (output / "summary.json").write_text(json.dumps(summary, indent=1))
     text = table(summary)
     (output / "summary.md").write_text(text + "\n")
     print(text)

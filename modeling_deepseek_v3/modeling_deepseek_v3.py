@@ -416,6 +416,13 @@ def _accelerate_init_device():
     return None
 
 
+def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype `F.linear` computes in for input `x`: autocast's where it is on for x's device, else x's own."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 class DeepseekV3Experts(nn.Module):
     """The routed experts of one MoE layer, fused: `gate_up_proj` [E, 2I, D] (gate rows first) and `down_proj`
     [E, D, I]. Same names and shapes as transformers' built-in; on disk they are per-expert 2D weights
@@ -423,7 +430,8 @@ class DeepseekV3Experts(nn.Module):
 
     `config.moe_implementation` picks the compute: "eager" (loop over the experts that received tokens, the
     reference), "grouped_mm" (tokens sorted by expert, one grouped GEMM per projection), or "auto" (grouped_mm on
-    CUDA bf16, where the kernel exists and is fast; eager otherwise). No token is ever dropped.
+    CUDA in bf16 or under bf16 autocast, where the kernel exists and is fast; eager otherwise). No token is ever
+    dropped.
     """
 
     def __init__(self, config: DeepseekV3Config):
@@ -448,7 +456,7 @@ class DeepseekV3Experts(nn.Module):
             if topk_idx_TK.numel() <= self.num_experts:  # decode-sized: read only the chosen experts
                 use_triton = triton_moe_available(x_TD) and self.config.hidden_act == "silu"
                 implementation = "triton" if use_triton else "gather"
-            elif _grouped_mm is not None and x_TD.is_cuda and x_TD.dtype == torch.bfloat16:
+            elif _grouped_mm is not None and x_TD.is_cuda and _matmul_dtype(x_TD) == torch.bfloat16:
                 implementation = "grouped_mm"
             else:
                 implementation = "eager"
@@ -518,10 +526,13 @@ class DeepseekV3Experts(nn.Module):
         counts = torch.zeros(self.num_experts, dtype=torch.int32, device=x_TD.device)
         counts.scatter_add_(0, flat_expert, torch.ones_like(flat_expert, dtype=torch.int32))
         offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
-        x_sorted = x_TD[token]
-        gate_up = _grouped_mm(x_sorted, self.gate_up_proj.transpose(1, 2), offs=offsets)
+        # Under bf16 autocast (float32 master weights, as the Trainer's --bf16 runs) the grouped GEMMs run in bf16,
+        # as F.linear would; the kernel takes one dtype.
+        dtype = _matmul_dtype(x_TD)
+        x_sorted = x_TD[token].to(dtype)
+        gate_up = _grouped_mm(x_sorted, self.gate_up_proj.to(dtype).transpose(1, 2), offs=offsets)
         gate, up = gate_up.chunk(2, dim=-1)
-        y = _grouped_mm(self.act_fn(gate) * up, self.down_proj.transpose(1, 2), offs=offsets)
+        y = _grouped_mm(self.act_fn(gate) * up, self.down_proj.to(dtype).transpose(1, 2), offs=offsets)
         weighted = y.float() * topk_weight_TK.reshape(-1)[order, None]
         out_TD = torch.zeros(T, x_TD.shape[-1], dtype=torch.float32, device=x_TD.device)
         return out_TD.index_add_(0, token, weighted)

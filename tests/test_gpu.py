@@ -25,6 +25,29 @@ def test_grouped_mm_equals_eager_experts_on_cuda_bf16():
     assert relative_max_diff(grouped, eager) < 2e-2
 
 
+@pytest.mark.skipif(_grouped_mm is None, reason="this torch has no grouped_mm (torch < 2.8)")
+def test_float32_experts_under_bf16_autocast_take_grouped_mm_and_match_eager():
+    """Trainer --bf16 keeps float32 weights under autocast: "auto" must still pick the grouped GEMMs (in bf16,
+    with gradients reaching the float32 weights) rather than the eager loop with its host syncs."""
+    config = tiny_config(hidden_size=256, moe_intermediate_size=128)
+    torch.manual_seed(0)
+    experts = DeepseekV3Experts(config).cuda()
+    torch.nn.init.normal_(experts.gate_up_proj, std=0.05)
+    torch.nn.init.normal_(experts.down_proj, std=0.05)
+    x = torch.randn(300, 256, device="cuda")
+    topk_idx = torch.randint(0, 11, (300, config.num_experts_per_tok), device="cuda")
+    topk_weight = torch.rand(300, config.num_experts_per_tok, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        eager = experts._forward_eager(x, topk_idx, topk_weight)
+        calls = []
+        original = experts._forward_grouped_mm
+        experts._forward_grouped_mm = lambda *a: calls.append(1) or original(*a)
+        auto = experts(x, topk_idx, topk_weight)
+    assert calls and relative_max_diff(auto, eager) < 2e-2
+    auto.sum().backward()
+    assert experts.gate_up_proj.grad.dtype == torch.float32 and experts.gate_up_proj.grad.abs().sum() > 0
+
+
 def test_cuda_float32_logits_and_greedy_tokens_match_builtin(tmp_path):
     random_model(tiny_config(), seed=1).save_pretrained(tmp_path)
     ours = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).cuda().eval()
