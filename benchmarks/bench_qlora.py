@@ -7,7 +7,8 @@ allocator, and an out-of-memory in one does not end the other):
 - ours: `AutoModelForCausalLM.from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True, nf4,
   double quantization, bf16 compute))` -- every linear and the routed experts in 4-bit --, LoRA through
   `peft_experts.lora_config` on the MLA projections and the routed experts (`LoraExperts`: per-expert adapters
-  on the routed tokens only);
+  on the routed tokens only); `--moe-implementation` picks the 4-bit experts' compute (auto: chunks of experts
+  dequantized at once and grouped GEMMs on CUDA; eager: the per-expert loop);
 - theirs: `transformers.DeepseekV3ForCausalLM.from_pretrained` with the same `BitsAndBytesConfig` (its fused routed
   experts stay bf16), LoRA with the same rank on the same MLA projections plus
   `target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]` for the experts (PEFT's way for fused
@@ -109,6 +110,7 @@ def load_and_wrap(which: str, args):
     if which == "ours":
         model = transformers.AutoModelForCausalLM.from_pretrained(
             args.checkpoint_dir, quantization_config=bnb_config(args.device), dtype=dtype, device_map=device_map)
+        model.config.moe_implementation = args.moe_implementation  # the experts read this config object
         config = lora_config(r=args.rank, lora_alpha=2 * args.rank, target_modules=attention + ["experts"])
     else:
         model = transformers.DeepseekV3ForCausalLM.from_pretrained(
@@ -204,7 +206,8 @@ def print_table(report: dict) -> None:
     shape = report["shape"]
     print(f"\nQLoRA, {report['environment']['device']}, {shape['preset']} ({shape['layers']} layers, "
           f"{shape['experts']} experts), NF4 + double quant, LoRA r={shape['rank']}, batch "
-          f"{shape['batch_size']} x {shape['seq_len']} tokens, gradient checkpointing {shape['gradient_checkpointing']}")
+          f"{shape['batch_size']} x {shape['seq_len']} tokens, gradient checkpointing {shape['gradient_checkpointing']}, "
+          f"ours with moe_implementation={shape['moe_implementation']}")
 
     def cell(result, key, fmt):
         value = result.get(key)
@@ -249,6 +252,8 @@ def parse_args(argv=None):
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank (default: %(default)s)")
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--no-gradient-checkpointing", action="store_true")
+    parser.add_argument("--moe-implementation", default="auto", choices=["auto", "eager", "grouped_mm"],
+                        help="ours: the 4-bit experts' compute, 'eager' = the per-expert loop (default: %(default)s)")
     parser.add_argument("--implementations", default="ours,theirs", help="comma-separated subset of ours,theirs")
     parser.add_argument("--checkpoint-dir", help="random checkpoint folder, written once and reused (default: a "
                                                  "folder under the system temp dir named by preset and layers)")
@@ -292,7 +297,8 @@ def main():
         "environment": environment(args),
         "shape": {"preset": args.preset, "layers": config.num_hidden_layers, "experts": config.n_routed_experts,
                   "hidden_size": config.hidden_size, "batch_size": args.batch_size, "seq_len": args.seq_len,
-                  "rank": args.rank, "steps": args.steps, "gradient_checkpointing": not args.no_gradient_checkpointing},
+                  "rank": args.rank, "steps": args.steps, "gradient_checkpointing": not args.no_gradient_checkpointing,
+                  "moe_implementation": args.moe_implementation},
         "results": results,
     }
     print_table(report)

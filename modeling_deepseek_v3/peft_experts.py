@@ -35,7 +35,7 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
-from .modeling_deepseek_v3 import DeepseekV3Experts, DeepseekV3PreTrainedModel
+from .modeling_deepseek_v3 import DeepseekV3Experts, DeepseekV3PreTrainedModel, _grouped_mm
 from .quantization import DeepseekV3QuantizedExperts, dequantized_weight, expert_loop, quantize_weight
 
 ATTENTION_TARGETS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
@@ -58,6 +58,9 @@ class LoraExperts(nn.Module, LoraLayer):
     experts returns. Adapters are float32 (PEFT's default); inputs are cast to their dtype and the update back to
     the base output's dtype. Merging adds `s * B[e] @ A[e]` into each expert's weight, one expert at a time
     (bitsandbytes weights are dequantized, updated and requantized). DoRA and other variants are not supported.
+
+    Where 4-bit experts take their grouped path (`DeepseekV3QuantizedExperts`, `moe_implementation`), the adapters
+    run there too, as grouped GEMMs on the same expert-sorted rows; elsewhere inside the eager loop.
     """
 
     adapter_layer_names = ("lora_gate_up_A", "lora_gate_up_B", "lora_down_A", "lora_down_B")
@@ -136,6 +139,11 @@ class LoraExperts(nn.Module, LoraLayer):
         active = self._active_lora()
         if self.merged or not active:
             return base(x_TD, topk_idx_TK, topk_weight_TK)
+        if isinstance(base, DeepseekV3QuantizedExperts) and base.use_grouped_mm(x_TD, topk_idx_TK):
+            return base.forward_grouped_mm(
+                x_TD, topk_idx_TK, topk_weight_TK,
+                gate_up_delta=functools.partial(self._grouped_lora, active, "lora_gate_up_A", "lora_gate_up_B"),
+                down_delta=functools.partial(self._grouped_lora, active, "lora_down_A", "lora_down_B"))
         gate_up_proj, down_proj = _expert_projections(base)
         # unbind, not A[e]: the backward of one unbind stacks the experts' gradients once, where E separate index
         # operations would each materialize a zero gradient of the whole [E, r, D] parameter.
@@ -161,6 +169,22 @@ class LoraExperts(nn.Module, LoraLayer):
             return y_nD
 
         return expert_loop(x_TD, topk_idx_TK, topk_weight_TK, base.num_experts, expert)
+
+    def _grouped_lora(self, active, A_name, B_name, x_PX, offsets_E):
+        # The eager loop's `s * B[e] (A[e] x)` for rows sorted by expert, as two grouped GEMMs in x's dtype (bf16
+        # under autocast, as F.linear would compute); gradients reach A and B through the casts.
+        delta_PO = None
+        for a in active:
+            A_ErX = getattr(self, A_name)[a].to(x_PX.dtype)
+            B_EOr = getattr(self, B_name)[a].to(x_PX.dtype)
+            # The grouped GEMM needs 16-byte aligned strides: zero rows of A / columns of B pad r (r=4 in bf16).
+            pad = -A_ErX.shape[1] % (16 // x_PX.dtype.itemsize)
+            if pad:
+                A_ErX, B_EOr = F.pad(A_ErX, (0, 0, 0, pad)), F.pad(B_EOr, (0, pad))
+            low_Pr = _grouped_mm(self.lora_dropout[a](x_PX), A_ErX.transpose(1, 2), offs=offsets_E)
+            term_PO = _grouped_mm(low_Pr, B_EOr.transpose(1, 2), offs=offsets_E) * self.scaling[a]
+            delta_PO = term_PO if delta_PO is None else delta_PO + term_PO
+        return delta_PO
 
     def get_delta_weight(self, adapter: str, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`s * B @ A` of `adapter` for one expert: (gate_up [2I, D], down [D, I]), float32."""
@@ -190,6 +214,8 @@ class LoraExperts(nn.Module, LoraLayer):
         for e in range(base.num_experts):
             for which, delta in zip(("gate_up", "down"), self.get_delta_weight(adapter, e)):
                 _add_expert_delta(base, which, e, sign * delta, safe, adapter)
+        if isinstance(base, DeepseekV3QuantizedExperts):
+            base.unstack()  # every expert was requantized: the grouped path's old buffers are free
 
 
 def _expert_projections(base):

@@ -8,7 +8,8 @@ in bf16. Here the whole layer is quantized:
   `bnb.nn.Linear8bitLt`, as transformers does;
 - `DeepseekV3Experts` becomes `DeepseekV3QuantizedExperts`: per expert one quantized `[2I, D]` gate/up matrix
   (gate rows first, as in the fused tensor) and one `[D, I]` down matrix, run on the tokens routed to that expert
-  only (`expert_loop`);
+  only (`expert_loop`, the reference), or, for 4-bit weights, with grouped GEMMs over a chunk of experts
+  dequantized at a time (`Stacked4bitExperts`, `moe_implementation="grouped_mm"`);
 - the router (`gate`, not a linear), the norms, the embedding and `lm_head` stay in high precision, and so does
   any module named in `BitsAndBytesConfig.llm_int8_skip_modules` (module names, dotted suffixes or prefixes:
   `["lm_head", "experts"]` keeps the routed experts in bf16).
@@ -19,11 +20,14 @@ model is built on the meta device, the quantized modules replace the linears and
 official layout) one shard at a time, each weight dequantized (FP8) and rounded to `dtype` on its target device,
 then quantized there. The host never holds more than one tensor beyond the shard being read.
 
-Shape suffixes as in modeling_deepseek_v3.py: T tokens, D hidden, I expert width, E experts, K experts per token.
+Shape suffixes as in modeling_deepseek_v3.py: T tokens, D hidden, I expert width, E experts, K experts per token;
+P = T * K (token, expert) pairs sorted by expert, O/X a projection's output/input width.
 
 bitsandbytes is imported lazily (inside try blocks) so that the modeling file, which imports this module only on
 a quantized load, still works as Hub remote code where bitsandbytes is not installed.
 """
+
+import math
 
 import torch
 from torch import nn
@@ -135,15 +139,140 @@ def expert_loop(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: t
     return out_TD
 
 
+class Stacked4bitExperts:
+    """One projection's 4-bit weights of all E experts (`bnb.nn.Linear4bit` modules of equal shape [O, X]) held in
+    stacked buffers, so that experts `start:stop` are one contiguous slice: packed data [E, O*X/2], absmax
+    [E, blocks] (uint8 under double quantization, with its float32 second-level absmax [E, blocks2] and offset [E]),
+    dequantized with one bitsandbytes call per slice.
+
+    Built once from the modules, whose `weight.data` and quant-state tensors are then re-pointed to views of the
+    buffers expert by expert: no second copy is kept, but building holds the projection's packed bytes twice for a
+    moment (the 671B gate/up: 3.8 GB). The modules keep their names and values; `is_current` tells when one of them
+    was given a new weight (a merge requantizes, a device move copies) and the stack must be rebuilt."""
+
+    def __init__(self, linears):
+        first = linears[0].weight
+        state = first.quant_state
+        self.num_experts = len(linears)
+        self.shape = tuple(state.shape)  # (O, X)
+        self.blocksize, self.quant_type, self.nested = state.blocksize, state.quant_type, state.nested
+        with torch.no_grad():
+            self.data = first.data.new_empty(self.num_experts, first.data.numel())
+            self.absmax = state.absmax.new_empty(self.num_experts, state.absmax.numel())
+            if self.nested:
+                self.absmax2 = state.state2.absmax.new_empty(self.num_experts, state.state2.absmax.numel())
+                self.offset = state.offset.new_empty(self.num_experts)
+                self.code2, self.blocksize2 = state.state2.code, state.state2.blocksize
+            for e, linear in enumerate(linears):
+                weight, expert_state = linear.weight, linear.weight.quant_state
+                found = (tuple(expert_state.shape), expert_state.blocksize, expert_state.quant_type,
+                         expert_state.nested, weight.data.numel(), expert_state.absmax.numel())
+                expected = (self.shape, self.blocksize, self.quant_type, self.nested, self.data.shape[1],
+                            self.absmax.shape[1])
+                if found != expected:
+                    raise ValueError(f"Stacked4bitExperts: expert {e} has (shape, blocksize, quant_type, nested, "
+                                     f"packed bytes, blocks) = {found}, expected {expected} as expert 0")
+                self.data[e].copy_(weight.data.reshape(-1))
+                weight.data = self.data[e].view_as(weight.data)
+                self.absmax[e].copy_(expert_state.absmax)
+                expert_state.absmax = self.absmax[e]
+                if self.nested:
+                    self.absmax2[e].copy_(expert_state.state2.absmax)
+                    expert_state.state2.absmax = self.absmax2[e]
+                    self.offset[e].copy_(expert_state.offset)
+                    expert_state.offset = self.offset[e]
+        self.pointers = [linear.weight.data_ptr() for linear in linears]
+
+    def is_current(self, linears) -> bool:
+        return [linear.weight.data_ptr() for linear in linears] == self.pointers
+
+    def dequantize(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        """Experts `start:stop` as one [stop - start, O, X] tensor of `dtype` (the values `dequantize_4bit` gives
+        each expert)."""
+        bnb = _bitsandbytes()
+        n = stop - start
+        absmax = self.absmax[start:stop]
+        if self.nested:
+            if absmax.shape[1] % self.blocksize2 == 0:  # second-level blocks never straddle two experts
+                state2 = bnb.functional.QuantState(absmax=self.absmax2[start:stop].reshape(-1), code=self.code2,
+                                                   blocksize=self.blocksize2, dtype=torch.float32)
+                absmax = bnb.functional.dequantize_blockwise(absmax.reshape(-1), state2).view(n, -1)
+            else:
+                absmax = torch.stack([
+                    bnb.functional.dequantize_blockwise(absmax[i], bnb.functional.QuantState(
+                        absmax=self.absmax2[start + i], code=self.code2, blocksize=self.blocksize2,
+                        dtype=torch.float32))
+                    for i in range(n)
+                ])
+            absmax = absmax + self.offset[start:stop, None]  # float32, as dequantize_4bit adds it
+        O, X = self.shape
+        state = bnb.functional.QuantState(absmax=absmax.reshape(-1), shape=(n * O, X), blocksize=self.blocksize,
+                                          quant_type=self.quant_type, dtype=dtype)
+        return bnb.functional.dequantize_4bit(self.data[start:stop].reshape(-1, 1), state).view(n, O, X)
+
+    def grouped_mm(self, x_PX: torch.Tensor, offsets_E: torch.Tensor, chunks, dtype: torch.dtype,
+                   transposed: bool) -> torch.Tensor:
+        """Rows of `x_PX` sorted by expert (group ends `offsets_E`, int32) times their expert's weight: `x @ W_e^T`
+        ([P, X] -> [P, O]) if `transposed`, else `x @ W_e` ([P, O] -> [P, X], the input gradient). `chunks`:
+        None (all experts at once) or (first expert, end expert, first row, end row) tuples covering all rows."""
+        from .modeling_deepseek_v3 import _grouped_mm
+
+        def multiply(x, start, stop, offsets):
+            w = self.dequantize(start, stop, dtype)
+            return _grouped_mm(x, w.transpose(1, 2) if transposed else w, offs=offsets)
+
+        if chunks is None:
+            return multiply(x_PX, 0, self.num_experts, offsets_E)
+        out = x_PX.new_empty(x_PX.shape[0], self.shape[0] if transposed else self.shape[1])
+        for start, stop, row_start, row_stop in chunks:
+            if row_stop > row_start:
+                rows = slice(row_start, row_stop)
+                out[rows] = multiply(x_PX[rows], start, stop, offsets_E[start:stop] - row_start)
+        return out
+
+
+class _Frozen4bitGroupedMM(torch.autograd.Function):
+    """`Stacked4bitExperts.grouped_mm` with autograd for the input only (the 4-bit weights are frozen). Backward
+    dequantizes the chunks again rather than keeping them: saved state is the group offsets, not [E, O, X]."""
+
+    @staticmethod
+    def forward(ctx, x_PX, offsets_E, stacked, chunks, dtype):
+        ctx.save_for_backward(offsets_E)
+        ctx.stacked, ctx.chunks, ctx.dtype = stacked, chunks, dtype
+        return stacked.grouped_mm(x_PX, offsets_E, chunks, dtype, transposed=True)
+
+    @staticmethod
+    def backward(ctx, grad_PO):
+        (offsets_E,) = ctx.saved_tensors
+        grad_PX = None
+        if ctx.needs_input_grad[0]:
+            grad_PX = ctx.stacked.grouped_mm(grad_PO.to(ctx.dtype).contiguous(), offsets_E, ctx.chunks, ctx.dtype,
+                                             transposed=False)
+        return grad_PX, None, None, None, None
+
+
 class DeepseekV3QuantizedExperts(nn.Module):
     """The routed experts of one MoE layer with bitsandbytes-quantized weights: `gate_up[e]` ([2I, D], gate rows
     first) and `down[e]` ([D, I]) are `bnb.nn.Linear4bit` or `bnb.nn.Linear8bitLt`. Same forward contract as
-    `DeepseekV3Experts`; each expert runs on its routed tokens only (dequantizing one expert at a time).
+    `DeepseekV3Experts`.
+
+    `config.moe_implementation` picks the compute, as for the fused experts:
+    - "eager" (the reference, and always for 8-bit weights): each expert runs on its routed tokens, through its
+      bitsandbytes linears (one dequantization, GEMM and indexing per expert: launch-bound in training);
+    - "grouped_mm" (4-bit only): tokens sorted by expert; per projection, a chunk of experts is dequantized with one
+      bitsandbytes call (`Stacked4bitExperts`) and multiplied with one grouped GEMM. The chunk's dequantized
+      weights, at most `dequantize_chunk_bytes` (1 GiB by default; at least one expert), are the only weight-sized
+      temporaries: the 671B model's [256, 4096, 7168] gate/up stack is never materialized. Backward dequantizes
+      again instead of saving them. More than one chunk costs one host sync per forward (the group row bounds).
+    - "auto": grouped_mm for 4-bit weights on CUDA when computing in bf16 with more (token, expert) pairs than
+      experts; eager otherwise (decode-sized batches dequantize only the chosen experts).
 
     The module names (`gate_up`, `down`) do not end in `_proj`, so PEFT targets such as `"down_proj"` keep meaning
     the dense and shared-expert MLPs; LoRA on the routed experts targets `"experts"` (peft_experts.py), on this
     module and on the bf16 one alike, so adapters move between the two.
     """
+
+    dequantize_chunk_bytes = 1 << 30
 
     def __init__(self, config, quantization_config):
         super().__init__()
@@ -158,6 +287,7 @@ class DeepseekV3QuantizedExperts(nn.Module):
             if hasattr(linear, "support_avx512bf16_for_cpu"):
                 linear.support_avx512bf16_for_cpu = False
         self.act_fn = ACT2FN[config.hidden_act]
+        self._stacked = {}  # "gate_up" / "down" -> Stacked4bitExperts, built on the first grouped_mm forward
 
     def expert_gate_up(self, expert: int, x_nD: torch.Tensor) -> torch.Tensor:
         return self.gate_up[expert](x_nD)
@@ -167,12 +297,95 @@ class DeepseekV3QuantizedExperts(nn.Module):
 
     def forward(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor) -> torch.Tensor:
         """x_TD [T, D], topk_idx_TK [T, K], topk_weight_TK [T, K] float32 -> float32 [T, D]."""
+        if self.use_grouped_mm(x_TD, topk_idx_TK):
+            return self.forward_grouped_mm(x_TD, topk_idx_TK, topk_weight_TK)
 
         def expert(e, x_nD):
             gate, up = self.gate_up[e](x_nD).chunk(2, dim=-1)
             return self.down[e](self.act_fn(gate) * up)
 
         return expert_loop(x_TD, topk_idx_TK, topk_weight_TK, self.num_experts, expert)
+
+    def is_4bit(self) -> bool:
+        return isinstance(self.gate_up[0], _bitsandbytes().nn.Linear4bit)
+
+    def compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype the 4-bit linears multiply in for input `x`: autocast's, else their `compute_dtype`."""
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        return self.gate_up[0].compute_dtype or x.dtype
+
+    def use_grouped_mm(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor) -> bool:
+        """Whether `moe_implementation` (see the class docstring) picks the grouped path for this input."""
+        from .modeling_deepseek_v3 import _grouped_mm
+
+        implementation = self.config.moe_implementation
+        if not self.is_4bit() or implementation not in ("auto", "grouped_mm"):
+            return False
+        if _grouped_mm is None:
+            if implementation == "auto":
+                return False
+            raise RuntimeError(f"moe_implementation='grouped_mm' needs torch.nn.functional.grouped_mm (torch >= "
+                               f"2.8); this is torch {torch.__version__}")
+        if implementation == "grouped_mm":
+            return True
+        return (x_TD.is_cuda and self.compute_dtype(x_TD) == torch.bfloat16
+                and topk_idx_TK.numel() > self.num_experts)
+
+    def unstack(self) -> None:
+        """Drop the stacked buffers (rebuilt on the next grouped forward): call after giving experts new weights,
+        so that the old buffers are freed once no expert views them."""
+        self._stacked.clear()
+
+    def _apply(self, fn, recurse=True):
+        self.unstack()  # a device move gives every expert a new weight
+        return super()._apply(fn, recurse)
+
+    def stacked(self, which: str) -> Stacked4bitExperts:
+        """The `Stacked4bitExperts` of "gate_up" or "down", (re)built when missing or stale."""
+        linears = self.gate_up if which == "gate_up" else self.down
+        stacked = self._stacked.get(which)
+        if stacked is None or not stacked.is_current(linears):
+            self._stacked.pop(which, None)
+            stacked = self._stacked[which] = Stacked4bitExperts(linears)
+        return stacked
+
+    def forward_grouped_mm(self, x_TD, topk_idx_TK, topk_weight_TK, gate_up_delta=None, down_delta=None):
+        """The grouped path of `forward`. `gate_up_delta(x_PD, offsets_E)` -> [P, 2I] and `down_delta(h_PI,
+        offsets_E)` -> [P, D], if given, are added to the projections of the sorted rows (LoRA, peft_experts.py);
+        `offsets_E` holds the int32 group ends of the P rows sorted by expert."""
+        T, K = topk_idx_TK.shape
+        flat_expert = topk_idx_TK.reshape(-1)
+        order_P = torch.argsort(flat_expert, stable=True)
+        token_P = order_P // K
+        # Group ends computed on the device with a scatter-add (bincount syncs on CUDA).
+        counts_E = torch.zeros(self.num_experts, dtype=torch.int32, device=x_TD.device)
+        counts_E.scatter_add_(0, flat_expert, torch.ones_like(flat_expert, dtype=torch.int32))
+        offsets_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
+        dtype = self.compute_dtype(x_TD)
+        gate_up, down = self.stacked("gate_up"), self.stacked("down")
+        per_chunk = [max(1, self.dequantize_chunk_bytes // (math.prod(w.shape) * dtype.itemsize)) for w in (gate_up, down)]
+        ends = offsets_E.tolist() if min(per_chunk) < self.num_experts else None  # host sync: chunk row bounds
+        gate_up_chunks, down_chunks = (self._chunks(n, ends) for n in per_chunk)
+
+        x_PD = x_TD[token_P].to(dtype)
+        gate_up_P2I = _Frozen4bitGroupedMM.apply(x_PD, offsets_E, gate_up, gate_up_chunks, dtype)
+        if gate_up_delta is not None:
+            gate_up_P2I = gate_up_P2I + gate_up_delta(x_PD, offsets_E).to(dtype)
+        gate_PI, up_PI = gate_up_P2I.chunk(2, dim=-1)
+        h_PI = self.act_fn(gate_PI) * up_PI
+        y_PD = _Frozen4bitGroupedMM.apply(h_PI, offsets_E, down, down_chunks, dtype)
+        if down_delta is not None:
+            y_PD = y_PD + down_delta(h_PI, offsets_E).to(dtype)
+        weighted_PD = y_PD.float() * topk_weight_TK.reshape(-1)[order_P, None]
+        out_TD = torch.zeros(T, x_TD.shape[-1], dtype=torch.float32, device=x_TD.device)
+        return out_TD.index_add_(0, token_P, weighted_PD)
+
+    def _chunks(self, per_chunk: int, ends: list | None):
+        if per_chunk >= self.num_experts:
+            return None
+        bounds = [(start, min(start + per_chunk, self.num_experts)) for start in range(0, self.num_experts, per_chunk)]
+        return [(start, stop, ends[start - 1] if start else 0, ends[stop - 1]) for start, stop in bounds]
 
 
 def _matches(name: str, patterns) -> bool:
@@ -284,6 +497,7 @@ def expected_4bit_footprint(model: nn.Module) -> int:
 __all__ = [
     "BitsAndBytesQuantizer",
     "DeepseekV3QuantizedExperts",
+    "Stacked4bitExperts",
     "bitsandbytes_config",
     "dequantized_weight",
     "expected_4bit_footprint",

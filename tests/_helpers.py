@@ -4,6 +4,8 @@ import json
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from modeling_deepseek_v3 import DeepseekV3Config, DeepseekV3ForCausalLM
 
@@ -82,3 +84,19 @@ def write_dequantized_twin(official: dict, fp8_folder, twin_folder):
     config.pop("quantization_config")
     (twin_folder / "config.json").write_text(json.dumps(config))
     return twin
+
+
+class LargestAllocation(TorchDispatchMode):
+    """The largest tensor any op allocates while active (outputs that are views of an input are not new)."""
+
+    def __init__(self):
+        super().__init__()
+        self.nbytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() not in inputs:
+                self.nbytes = max(self.nbytes, tensor.untyped_storage().nbytes())
+        return out

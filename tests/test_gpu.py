@@ -136,3 +136,50 @@ def test_graph_capture_at_the_last_cache_slot_does_not_overflow():
     static = model.generate(ids, cache_implementation="static", **kwargs)  # the cache has one slot left at capture
     torch.cuda.synchronize()
     assert torch.equal(static, model.generate(ids, **kwargs))
+
+
+@pytest.mark.skipif(_grouped_mm is None, reason="this torch has no grouped_mm (torch < 2.8)")
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_qlora_4bit_experts_take_grouped_mm_under_autocast_and_match_the_eager_loop(tmp_path, double_quant):
+    peft = pytest.importorskip("peft", reason="peft is a dev dependency (pip install -e '.[dev]')")
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is a dev dependency (pip install -e '.[dev]')")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from modeling_deepseek_v3.official_checkpoint import write_official_checkpoint
+    from modeling_deepseek_v3.peft_experts import lora_config
+
+    # moe_intermediate_size 128: gate/up experts hold 256 first-level blocks (double quantization dequantizes a
+    # chunk's scales in one call), down experts 128 (one call per expert).
+    write_official_checkpoint(random_model(tiny_config(moe_intermediate_size=128), seed=8), tmp_path, num_shards=2)
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+                                      bnb_4bit_use_double_quant=double_quant)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quantization, dtype=torch.float32,
+                                                 device_map={"": 0})
+    # r=4: the grouped GEMMs pad it to 8 in bf16 (16-byte strides).
+    model = peft.get_peft_model(model, lora_config("all", r=4, init_lora_weights=False)).train()
+    experts = model.base_model.model.model.layers[1].mlp.experts.base_layer
+    experts.dequantize_chunk_bytes = 5 * 256 * 64 * 2  # 5 experts' gate/up weights in bf16: 4 chunks
+    ids = torch.randint(2, 512, (2, 64), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+
+    def run(implementation, autocast):
+        model.config.moe_implementation = implementation
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        grads = {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
+        return {"logits": out.logits.float(), **grads}
+
+    def error(a, b):
+        return ((a - b).norm() / b.norm().clamp(min=1e-12)).item()
+
+    # Both bf16 runs against the float32 eager loop: the grouped path may differ from it by bf16 rounding, as much as
+    # the eager loop under autocast does, not more.
+    exact = run("eager", autocast=False)
+    eager = run("eager", autocast=True)
+    assert not experts._stacked
+    grouped = run("auto", autocast=True)
+    assert set(experts._stacked) == {"gate_up", "down"}
+    excess = {name: error(grouped[name], exact[name]) - 2 * error(eager[name], exact[name]) for name in exact}
+    worst = max(excess, key=excess.get)
+    assert excess[worst] < 5e-3, (worst, error(grouped[worst], exact[worst]), error(eager[worst], exact[worst]))

@@ -6,10 +6,8 @@ import json
 
 import pytest
 import torch
-from _helpers import random_model, relative_max_diff, tiny_config
+from _helpers import LargestAllocation, random_model, relative_max_diff, tiny_config
 from safetensors.torch import load_file
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 peft = pytest.importorskip("peft", reason="peft is a dev dependency (pip install -e '.[dev]')")
 from modeling_deepseek_v3.peft_experts import LoraExperts, load_lora_adapter, lora_config  # noqa: E402
@@ -124,22 +122,6 @@ def test_merge_and_unload_equals_the_unmerged_forward_and_saves_the_official_lay
         assert relative_max_diff(reloaded(ids).logits, unmerged) < 1e-5
 
 
-class LargestAllocation(TorchDispatchMode):
-    """The largest tensor any op allocates while active (outputs that are views of an input are not new)."""
-
-    def __init__(self):
-        super().__init__()
-        self.nbytes = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
-        for tensor in tree_flatten(out)[0]:
-            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() not in inputs:
-                self.nbytes = max(self.nbytes, tensor.untyped_storage().nbytes())
-        return out
-
-
 def largest_training_allocation(model, ids) -> int:
     with LargestAllocation() as mode:
         model(input_ids=ids, labels=ids).loss.backward()
@@ -244,3 +226,40 @@ def test_merging_into_4bit_experts_requantizes_the_updated_weight(quantizable_ch
     # Exactly one NF4 rounding of (old + delta): the error is NF4's, not the delta's.
     assert ((after - (before + delta_gate_up)).abs().mean() / (before + delta_gate_up).abs().mean()) < 0.15
     assert ((after - before).abs().mean() / (before + delta_gate_up - before).abs().mean()) > 0.5
+
+
+def qlora_grads(model, implementation, ids):
+    model.config.moe_implementation = implementation
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    return out.logits.detach(), grads
+
+
+def test_grouped_mm_qlora_experts_equal_the_eager_loop_in_outputs_and_adapter_gradients(quantizable_checkpoint):
+    # The grouped path runs the expert adapters as grouped GEMMs on the sorted rows: same outputs, and the same
+    # gradients for every adapter (the attention adapters' depend on the experts' input gradient).
+    model = peft.get_peft_model(load_4bit(quantizable_checkpoint), lora_config("all", r=4, init_lora_weights=False))
+    model.train()
+    experts = model.base_model.model.model.layers[1].mlp.experts
+    assert experts.base_layer.config is model.config
+    experts.base_layer.dequantize_chunk_bytes = 5 * experts.base_layer.gate_up[0].out_features * 64 * 4  # 4 chunks
+    ids = ids_of((2, 24), seed=3)
+    expected_logits, expected = qlora_grads(model, "eager", ids)
+    assert not experts.base_layer._stacked  # the eager loop did not stack the 4-bit weights
+    logits, grads = qlora_grads(model, "grouped_mm", ids)
+    assert set(experts.base_layer._stacked) == {"gate_up", "down"}
+    assert relative_max_diff(logits, expected_logits) < 1e-5
+    assert grads.keys() == expected.keys() and any("lora_down_B" in name for name in grads)
+    for name in grads:
+        assert relative_max_diff(grads[name], expected[name]) < 1e-4, name
+
+    # Merging requantizes every expert and releases the stacked buffers; the grouped path restacks the new weights.
+    with torch.no_grad():
+        merged = model.merge_and_unload()
+        assert not merged.model.layers[1].mlp.experts._stacked
+        merged.config.moe_implementation = "eager"
+        expected_logits = merged(ids).logits
+        merged.config.moe_implementation = "grouped_mm"
+        assert relative_max_diff(merged(ids).logits, expected_logits) < 1e-5

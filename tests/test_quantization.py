@@ -3,7 +3,7 @@ official checkpoints, shard by shard."""
 
 import pytest
 import torch
-from _helpers import random_model, relative_max_diff, tiny_config, write_dequantized_twin
+from _helpers import LargestAllocation, random_model, relative_max_diff, tiny_config, write_dequantized_twin
 from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -163,3 +163,88 @@ def test_a_quantized_model_refuses_save_pretrained_with_a_way_out(checkpoints, t
     model = AutoModelForCausalLM.from_pretrained(root / "fp32", quantization_config=NF4, dtype=torch.float32)
     with pytest.raises(NotImplementedError, match="merge_and_unload"):
         model.save_pretrained(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The grouped path of the 4-bit experts: chunks of experts dequantized at once, against the eager loop
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def random_4bit_experts(moe_intermediate_size, double_quant):
+    from modeling_deepseek_v3.quantization import quantize_weight
+
+    config = quantizable_config(moe_intermediate_size=moe_intermediate_size, moe_implementation="eager")
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+                                      bnb_4bit_use_double_quant=double_quant)
+    experts = DeepseekV3QuantizedExperts(config, quantization)
+    generator = torch.Generator().manual_seed(3)
+    for linear in (*experts.gate_up, *experts.down):
+        quantize_weight(linear, torch.randn(linear.out_features, linear.in_features, generator=generator) * 0.05, "cpu")
+    return experts
+
+
+def routed_batch(experts, tokens=40):
+    generator = torch.Generator().manual_seed(4)
+    E, K = experts.num_experts, experts.config.num_experts_per_tok
+    x = torch.randn(tokens, experts.config.hidden_size, generator=generator, requires_grad=True)
+    # The last 3 experts receive no token: empty groups, and with small chunks an empty chunk.
+    idx = torch.stack([torch.randperm(E - 3, generator=generator)[:K] for _ in range(tokens)])
+    weight = torch.rand(tokens, K, generator=generator, requires_grad=True)
+    return x, idx, weight
+
+
+def output_and_grads(experts, implementation, x, idx, weight):
+    experts.config.moe_implementation = implementation
+    out = experts(x, idx, weight)
+    out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+    grads = (x.grad.clone(), weight.grad.clone())
+    x.grad = weight.grad = None
+    return out.detach(), grads
+
+
+# moe_intermediate_size 64: 128 first-level blocks per gate/up expert, not a multiple of the 256-block second level
+# (double quantization dequantizes each expert's scales apart); 256: aligned (one call for the chunk).
+@pytest.mark.parametrize("moe_intermediate_size, double_quant", [(64, False), (64, True), (256, True)])
+@pytest.mark.parametrize("experts_per_chunk", [None, 3])
+def test_grouped_mm_4bit_experts_equal_the_eager_loop(moe_intermediate_size, double_quant, experts_per_chunk):
+    experts = random_4bit_experts(moe_intermediate_size, double_quant)
+    D, I = experts.config.hidden_size, moe_intermediate_size
+    if experts_per_chunk:
+        experts.dequantize_chunk_bytes = experts_per_chunk * 2 * I * D * 4
+    batch = routed_batch(experts)
+    expected, expected_grads = output_and_grads(experts, "eager", *batch)
+    got, grads = output_and_grads(experts, "grouped_mm", *batch)
+    assert relative_max_diff(got, expected) < 1e-6
+    for a, b in zip(grads, expected_grads):
+        assert relative_max_diff(a, b) < 1e-6
+    # The experts' weights are now views of the stacked buffers: the eager loop reads the same values.
+    assert experts.gate_up[5].weight.data_ptr() == experts.stacked("gate_up").data[5].data_ptr()
+    assert torch.equal(output_and_grads(experts, "eager", *batch)[0], expected)
+
+
+def test_grouped_mm_restacks_an_expert_given_a_new_weight():
+    from modeling_deepseek_v3.quantization import quantize_weight
+
+    experts = random_4bit_experts(64, double_quant=True)
+    batch = routed_batch(experts)
+    output_and_grads(experts, "grouped_mm", *batch)
+    stacked = experts.stacked("down")
+    quantize_weight(experts.down[2], 0.1 * torch.ones(experts.down[2].out_features, experts.down[2].in_features), "cpu")
+    assert not stacked.is_current(experts.down)
+    expected, _ = output_and_grads(experts, "eager", *batch)
+    got, _ = output_and_grads(experts, "grouped_mm", *batch)
+    assert experts.stacked("down") is not stacked
+    assert relative_max_diff(got, expected) < 1e-6
+
+
+def test_grouped_mm_4bit_experts_hold_one_chunk_of_dequantized_weights_never_the_stack():
+    experts = random_4bit_experts(256, double_quant=True)
+    D, I, E = experts.config.hidden_size, 256, experts.num_experts
+    experts.dequantize_chunk_bytes = 2 * 2 * I * D * 4  # two experts' gate/up weights in float32
+    x, idx, weight = routed_batch(experts, tokens=8)
+    experts.config.moe_implementation = "grouped_mm"
+    experts.stacked("gate_up"), experts.stacked("down")  # built once, outside the measured step
+    with LargestAllocation() as mode:
+        experts(x, idx, weight).sum().backward()
+    assert mode.nbytes <= experts.dequantize_chunk_bytes < E * 2 * I * D * 4
+    assert x.grad.abs().sum() > 0
