@@ -124,6 +124,13 @@ class DeepseekV3Config(PretrainedConfig):
             Serve decode steps on a static cache (`generate(..., cache_implementation="static")`) on CUDA by replaying
             a captured CUDA graph of the step (captured once per cache and batch size). `False` runs every step
             eagerly (the reference).
+        decode_kernels (`bool`, *optional*, defaults to `True`):
+            In CUDA inference (eval mode, no autograd), run the small per-token stages through the Triton kernels of
+            `decode_kernels.py`: RMSNorm, interleaved RoPE, the `noaux_tc` router, the absorbed attention of one new
+            token over the latent cache, and for a few tokens the matrix-vector products of the attention
+            projections (`q_a_proj` and `kv_a_proj_with_mqa` in one pass) and of the dense and shared-expert MLPs
+            (gate, up and SiLU in one pass). Only plain bias-free `nn.Linear` weights take the kernels (a PEFT
+            adapter or a quantized linear runs its own forward). `False` runs the eager reference everywhere.
     """
 
     model_type = "deepseek_v3"
@@ -177,6 +184,7 @@ class DeepseekV3Config(PretrainedConfig):
         attention_form="auto",
         moe_implementation="auto",
         cuda_graph_decode=True,
+        decode_kernels=True,
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -224,6 +232,7 @@ class DeepseekV3Config(PretrainedConfig):
         self.attention_form = attention_form
         self.moe_implementation = moe_implementation
         self.cuda_graph_decode = cuda_graph_decode
+        self.decode_kernels = decode_kernels
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,

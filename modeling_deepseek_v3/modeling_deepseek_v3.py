@@ -30,6 +30,17 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from .checkpoint_layout import MTP_SHARED_COPY_PATTERN, mtp_shared_copies, register_official_layout
 from .configuration_deepseek_v3 import DeepseekV3Config, yarn_get_mscale
+from .decode_kernels import (
+    MAX_GEMV_TOKENS,
+    absorbed_decode_attention,
+    decode_kernels_available,
+    linear_pair,
+    noaux_topk,
+    rms_norm,
+    rotate_pairs_,
+    router_scores,
+    silu_gate_up,
+)
 from .moe_kernels import expert_down, expert_gate_up_act, triton_moe_available
 from .official_checkpoint import fp8_quantization_config, load_fp8_checkpoint
 
@@ -39,15 +50,53 @@ register_official_layout()
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
-class DeepseekV3RMSNorm(nn.Module):
-    """RMSNorm computed in float32, scaled by `weight` in the input dtype."""
+def _use_decode_kernels(config: DeepseekV3Config | None, module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether `module` takes its `config.decode_kernels` fast path on `x`: CUDA inference only (eval mode, no
+    autograd: the Triton kernels have no backward), not under autocast (the kernels compute in the tensors' own
+    dtypes) and not while torch.compile traces (Inductor fuses the eager ops itself)."""
+    return bool(
+        config is not None
+        and config.decode_kernels
+        and not module.training
+        and not torch.is_grad_enabled()
+        and decode_kernels_available(x)
+        and not torch.is_autocast_enabled(x.device.type)
+        and not torch.compiler.is_compiling()
+    )
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6):
+
+def _plain_weight(linear: nn.Module, x: torch.Tensor) -> bool:
+    """A bias-free plain nn.Linear whose weight sits with `x` in its dtype: the kernels read `weight` directly, which
+    would skip a PEFT adapter, a quantized linear's packed weight or an offloaded (meta) weight."""
+    return (
+        type(linear) is nn.Linear
+        and linear.bias is None
+        and linear.weight.device == x.device
+        and linear.weight.dtype == x.dtype
+    )
+
+
+def _decode_linear(linear: nn.Module, x: torch.Tensor, kernels: bool) -> torch.Tensor:
+    """`linear(x)`; with `kernels` (see `_use_decode_kernels`), a few tokens through a plain weight run the Triton
+    matrix-vector kernel (float32 accumulation, like cuBLAS; measured faster than its GEMV at decode shapes)."""
+    if kernels and x.numel() <= MAX_GEMV_TOKENS * x.shape[-1] and _plain_weight(linear, x):
+        return linear_pair(x, linear.weight, None)
+    return linear(x)
+
+
+class DeepseekV3RMSNorm(nn.Module):
+    """RMSNorm computed in float32, scaled by `weight` in the input dtype. With a `config` whose `decode_kernels`
+    is on, CUDA inference runs one Triton kernel (`decode_kernels.rms_norm`, same math) instead of eight."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, config: DeepseekV3Config | None = None):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.variance_epsilon = eps
+        self.config = config
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if _use_decode_kernels(self.config, self, hidden_states) and self.weight.device == hidden_states.device:
+            return rms_norm(hidden_states, self.weight, self.variance_epsilon)
         input_dtype = hidden_states.dtype
         hidden_states = hidden_states.to(torch.float32)
         variance = hidden_states.pow(2).mean(-1, keepdim=True)
@@ -210,12 +259,12 @@ class DeepseekV3Attention(nn.Module):
             self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.qk_head_dim, bias=False)
         else:
             self.q_a_proj = nn.Linear(config.hidden_size, self.q_lora_rank, bias=config.attention_bias)
-            self.q_a_layernorm = DeepseekV3RMSNorm(self.q_lora_rank, eps=config.rms_norm_eps)
+            self.q_a_layernorm = DeepseekV3RMSNorm(self.q_lora_rank, eps=config.rms_norm_eps, config=config)
             self.q_b_proj = nn.Linear(self.q_lora_rank, self.num_heads * self.qk_head_dim, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(
             config.hidden_size, self.kv_lora_rank + self.qk_rope_head_dim, bias=config.attention_bias
         )
-        self.kv_a_layernorm = DeepseekV3RMSNorm(self.kv_lora_rank, eps=config.rms_norm_eps)
+        self.kv_a_layernorm = DeepseekV3RMSNorm(self.kv_lora_rank, eps=config.rms_norm_eps, config=config)
         self.kv_b_proj = nn.Linear(
             self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False
         )
@@ -235,18 +284,32 @@ class DeepseekV3Attention(nn.Module):
         B, T, _ = hidden_states.shape
         H, N, R, L = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
         cos_BTr, sin_BTr = position_embeddings
+        kernels = _use_decode_kernels(self.config, self, hidden_states)
 
         if self.q_lora_rank is None:
             q = self.q_proj(hidden_states)
+            latent_BTk = self.kv_a_proj_with_mqa(hidden_states)
+        elif kernels and B * T <= MAX_GEMV_TOKENS and self._can_fuse_a_projections(hidden_states):
+            # q_a_proj and kv_a_proj_with_mqa read the same input: one pass over both weights.
+            q_a_BTq, latent_BTk = torch.split(
+                linear_pair(hidden_states, self.q_a_proj.weight, self.kv_a_proj_with_mqa.weight),
+                [self.q_lora_rank, L + R], dim=-1,
+            )
+            q = _decode_linear(self.q_b_proj, self.q_a_layernorm(q_a_BTq), kernels)
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
+            latent_BTk = self.kv_a_proj_with_mqa(hidden_states)
         q_BHTk = q.view(B, T, H, N + R).transpose(1, 2)
         q_nope_BHTn, q_pe_BHTr = torch.split(q_BHTk, [N, R], dim=-1)
-        q_pe_BHTr = apply_rotary_interleaved(q_pe_BHTr, cos_BTr[:, None], sin_BTr[:, None])
-
-        c_kv_BTl, k_pe_BTr = torch.split(self.kv_a_proj_with_mqa(hidden_states), [L, R], dim=-1)
+        c_kv_BTl, k_pe_BTr = torch.split(latent_BTk, [L, R], dim=-1)
         c_kv_BTl = self.kv_a_layernorm(c_kv_BTl)
-        k_pe_BTr = apply_rotary_interleaved(k_pe_BTr, cos_BTr, sin_BTr)
+        if kernels:
+            # In place on the fresh projection outputs (q_pe and k_pe are views into them): one launch.
+            rotate_pairs_(q.view(B * T, H, N + R)[..., N:], k_pe_BTr.view(B * T, R), cos_BTr.reshape(B * T, -1),
+                          sin_BTr.reshape(B * T, -1))
+        else:
+            q_pe_BHTr = apply_rotary_interleaved(q_pe_BHTr, cos_BTr[:, None], sin_BTr[:, None])
+            k_pe_BTr = apply_rotary_interleaved(k_pe_BTr, cos_BTr, sin_BTr)
 
         # The cache stores the latent as a single "key head" [B, 1, S, L] and k_pe as a single "value head"
         # [B, 1, S, R]: any transformers Cache (dynamic, static, offloaded) then holds L + R values per token.
@@ -254,11 +317,17 @@ class DeepseekV3Attention(nn.Module):
         if past_key_values is not None:
             c_kv_B1Sl, k_pe_B1Sr = past_key_values.update(c_kv_B1Sl, k_pe_B1Sr, self.layer_idx)
 
-        if use_absorbed and self._can_absorb():
+        if use_absorbed and self._can_absorb() and kernels and T == 1 and (
+            attention_bias is None or attention_bias.shape[1] == 1
+        ):
+            attn_BHTv = self._attend_absorbed_one_token(
+                q_nope_BHTn, q_pe_BHTr, c_kv_B1Sl[:, 0], k_pe_B1Sr[:, 0], attention_bias
+            )
+        elif use_absorbed and self._can_absorb():
             attn_BHTv = self._attend_absorbed(q_nope_BHTn, q_pe_BHTr, c_kv_B1Sl[:, 0], k_pe_B1Sr[:, 0], attention_bias)
         else:
             attn_BHTv = self._attend_naive(q_nope_BHTn, q_pe_BHTr, c_kv_B1Sl[:, 0], k_pe_B1Sr, attention_bias)
-        return self.o_proj(attn_BHTv.transpose(1, 2).reshape(B, T, H * self.v_head_dim))
+        return _decode_linear(self.o_proj, attn_BHTv.transpose(1, 2).reshape(B, T, H * self.v_head_dim), kernels)
 
     def _can_absorb(self) -> bool:
         """The absorbed form reads `kv_b_proj.weight` as W_UK/W_UV, so it needs a plain nn.Linear with a real weight.
@@ -266,6 +335,9 @@ class DeepseekV3Attention(nn.Module):
         layer accelerate offloads (weight on `meta` until the module is called) attend in the naive form, which
         calls kv_b_proj."""
         return type(self.kv_b_proj) is nn.Linear and self.kv_b_proj.weight.device.type != "meta"
+
+    def _can_fuse_a_projections(self, x: torch.Tensor) -> bool:
+        return _plain_weight(self.q_a_proj, x) and _plain_weight(self.kv_a_proj_with_mqa, x)
 
     def _attend_naive(self, q_nope_BHTn, q_pe_BHTr, c_kv_BSl, k_pe_B1Sr, attention_bias):
         B, H, T, _ = q_nope_BHTn.shape
@@ -305,6 +377,21 @@ class DeepseekV3Attention(nn.Module):
         o_lat_BHTl = torch.bmm(probs_BHTS.reshape(B, H * T, -1), c_kv_BSl).view(B, H, T, L)
         return torch.einsum("bhtl,hvl->bhtv", o_lat_BHTl, w_uv_HVL)
 
+    def _attend_absorbed_one_token(self, q_nope_BH1n, q_pe_BH1r, c_kv_BSl, k_pe_BSr, attention_bias):
+        # `_attend_absorbed` for one new token per sequence (decode) with the `decode_kernels` attention: the
+        # heads are the batch of the two per-head products (strided views of q, no copies), scores, float32
+        # softmax and the weighted sum of c_kv run in one split-key kernel and one combine.
+        N, L = self.qk_nope_head_dim, self.kv_lora_rank
+        w_kv_b_HkL = self.kv_b_proj.weight.view(self.num_heads, N + self.v_head_dim, L)
+        q_nope_HBn = q_nope_BH1n[:, :, 0].transpose(0, 1)
+        q_lat_HBl = torch.bmm(q_nope_HBn, w_kv_b_HkL[:, :N])  # q_nope @ W_UK
+        bias_BS = attention_bias[:, 0, 0] if attention_bias is not None else None
+        o_lat_HBl = absorbed_decode_attention(
+            q_lat_HBl, q_pe_BH1r[:, :, 0].transpose(0, 1), c_kv_BSl, k_pe_BSr, bias_BS, self.scaling
+        )
+        o_HBv = torch.bmm(o_lat_HBl, w_kv_b_HkL[:, N:].transpose(1, 2))  # o_lat @ W_UV^T
+        return o_HBv.transpose(0, 1)[:, :, None]
+
     def _softmax(self, scores_BHTS, attention_bias, dropout, dtype):
         # Softmax in float32 (the bias holds the dtype's minimum), probabilities back in the compute dtype.
         scores_BHTS = scores_BHTS.float()
@@ -320,10 +407,13 @@ class DeepseekV3Attention(nn.Module):
 
 
 class DeepseekV3MLP(nn.Module):
-    """Gated MLP `down(act(gate(x)) * up(x))`: the dense layers and the shared experts."""
+    """Gated MLP `down(act(gate(x)) * up(x))`: the dense layers and the shared experts. With `decode_kernels`, a
+    few tokens in CUDA inference run gate, up and SiLU as one Triton pass (`decode_kernels.silu_gate_up`) and
+    down as a Triton matrix-vector product."""
 
     def __init__(self, config: DeepseekV3Config, intermediate_size: int | None = None):
         super().__init__()
+        self.config = config
         intermediate_size = config.intermediate_size if intermediate_size is None else intermediate_size
         self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
@@ -331,6 +421,11 @@ class DeepseekV3MLP(nn.Module):
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernels = _use_decode_kernels(self.config, self, x) and x.numel() <= MAX_GEMV_TOKENS * x.shape[-1]
+        if kernels and self.config.hidden_act == "silu" and _plain_weight(self.gate_proj, x) and _plain_weight(
+            self.up_proj, x
+        ):
+            return _decode_linear(self.down_proj, silu_gate_up(x, self.gate_proj.weight, self.up_proj.weight), True)
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -365,6 +460,8 @@ class DeepseekV3TopkRouter(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x_TD [T, D] -> (topk_idx [T, K] int64, topk_weight [T, K] float32, scores [T, E] float32)."""
+        if self._use_fused_selection(x_TD):
+            return self._forward_kernels(x_TD)
         # float32 even under bf16 autocast, which would otherwise run this linear in bf16.
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             logits_TE = F.linear(x_TD.float(), self.weight.float())
@@ -397,6 +494,30 @@ class DeepseekV3TopkRouter(nn.Module):
         if self.config.norm_topk_prob and self.top_k > 1:
             topk_weight_TK = topk_weight_TK / (topk_weight_TK.sum(dim=-1, keepdim=True) + 1e-20)
         topk_weight_TK = topk_weight_TK * self.config.routed_scaling_factor
+        return topk_idx_TK, topk_weight_TK, scores_TE
+
+    def _use_fused_selection(self, x_TD: torch.Tensor) -> bool:
+        # The kernels implement V3's sigmoid + noaux_tc routing; load counting stays on the eager path.
+        return (
+            self.config.scoring_func == "sigmoid"
+            and self.config.topk_method == "noaux_tc"
+            and not self.track_load
+            and _use_decode_kernels(self.config, self, x_TD)
+            and self.weight.device == x_TD.device
+        )
+
+    def _forward_kernels(self, x_TD):
+        # `decode_kernels`: the float32 logits and sigmoid in one matrix-vector pass over the bf16 weight (no float32
+        # copy of it per step; cuBLAS beyond a few tokens), then group-limited top-k and weights in one launch.
+        if x_TD.shape[0] <= MAX_GEMV_TOKENS:
+            scores_TE = router_scores(x_TD, self.weight)
+        else:
+            with torch.autocast(device_type=x_TD.device.type, enabled=False):
+                scores_TE = F.linear(x_TD.float(), self.weight.float()).sigmoid()
+        topk_idx_TK, topk_weight_TK = noaux_topk(
+            scores_TE, self.e_score_correction_bias, self.n_group, self.topk_group, self.top_k,
+            self.config.norm_topk_prob and self.top_k > 1, self.config.routed_scaling_factor,
+        )
         return topk_idx_TK, topk_weight_TK, scores_TE
 
 
@@ -651,8 +772,8 @@ class DeepseekV3DecoderLayer(GradientCheckpointingLayer):
         self.layer_idx = layer_idx
         self.self_attn = DeepseekV3Attention(config, layer_idx)
         self.mlp = DeepseekV3MoE(config, layer_idx) if config.is_moe_layer(layer_idx) else DeepseekV3MLP(config)
-        self.input_layernorm = DeepseekV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = DeepseekV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.input_layernorm = DeepseekV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps, config=config)
+        self.post_attention_layernorm = DeepseekV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps, config=config)
 
     def forward(
         self,
@@ -682,7 +803,7 @@ class DeepseekV3MTPSharedHead(nn.Module):
 
     def __init__(self, config: DeepseekV3Config):
         super().__init__()
-        self.norm = DeepseekV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = DeepseekV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps, config=config)
 
 
 def _drop_mtp_shared_copies(module, state_dict, prefix, *args):
@@ -702,8 +823,8 @@ class DeepseekV3MTPLayer(DeepseekV3DecoderLayer):
 
     def __init__(self, config: DeepseekV3Config, layer_idx: int):
         super().__init__(config, layer_idx)
-        self.enorm = DeepseekV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.hnorm = DeepseekV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.enorm = DeepseekV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps, config=config)
+        self.hnorm = DeepseekV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps, config=config)
         self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
         self.shared_head = DeepseekV3MTPSharedHead(config)
         self.register_load_state_dict_pre_hook(_drop_mtp_shared_copies)
@@ -963,7 +1084,7 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
                 for k in range(config.num_nextn_predict_layers)
             ]
         )
-        self.norm = DeepseekV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = DeepseekV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps, config=config)
         self.rotary_emb = DeepseekV3RotaryEmbedding(config)
         self.gradient_checkpointing = False
         self.post_init()
@@ -1202,7 +1323,8 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
     def _decode_graph(self, cache: Cache, batch_size: int) -> "DecodeGraph":
         """The captured decode step for this static cache and batch size (captured on first use)."""
         graphs = self.__dict__.setdefault("_decode_graphs", {})
-        key = (id(cache), batch_size)
+        # The graph records the kernels chosen at capture: a switch of `decode_kernels` needs its own capture.
+        key = (id(cache), batch_size, self.config.decode_kernels)
         graph = graphs.get(key)
         if graph is None or graph.cache_ref() is not cache:
             if len(graphs) >= 4:  # generate() reuses its static cache; do not accumulate stale graphs

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 from _helpers import random_model, relative_max_diff, tiny_config
 
@@ -136,6 +137,107 @@ def test_graph_capture_at_the_last_cache_slot_does_not_overflow():
     static = model.generate(ids, cache_implementation="static", **kwargs)  # the cache has one slot left at capture
     torch.cuda.synchronize()
     assert torch.equal(static, model.generate(ids, **kwargs))
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_decode_kernels_equal_their_eager_references(dtype, tolerance):
+    from modeling_deepseek_v3 import decode_kernels as kernels
+    from modeling_deepseek_v3.modeling_deepseek_v3 import (
+        DeepseekV3Attention,
+        DeepseekV3MLP,
+        DeepseekV3RMSNorm,
+        DeepseekV3TopkRouter,
+        apply_rotary_interleaved,
+    )
+
+    torch.manual_seed(0)
+    projection = torch.randn(3, 1, 2112, device="cuda", dtype=dtype)  # [q_a | c_kv | k_pe] of one pass
+    norm = DeepseekV3RMSNorm(512).cuda().to(dtype)
+    torch.nn.init.normal_(norm.weight, 1.0, 0.2)
+    c_kv = projection[..., 1536:2048]  # a strided slice, as in the attention
+    assert relative_max_diff(kernels.rms_norm(c_kv, norm.weight, norm.variance_epsilon), norm(c_kv)) < tolerance
+
+    x = torch.randn(3, 1, 2048, device="cuda", dtype=dtype)
+    w1, w2 = (torch.randn(n, 2048, device="cuda", dtype=dtype) * 0.02 for n in (1536, 576))
+    reference = torch.cat([F.linear(x.float(), w1.float()), F.linear(x.float(), w2.float())], dim=-1)
+    assert relative_max_diff(kernels.linear_pair(x, w1, w2), reference) < tolerance
+    assert relative_max_diff(kernels.linear_pair(x, w2, None), reference[..., 1536:]) < tolerance
+
+    mlp = DeepseekV3MLP(tiny_config(hidden_size=2048), intermediate_size=1408).cuda().to(dtype)
+    for linear in (mlp.gate_proj, mlp.up_proj):
+        torch.nn.init.normal_(linear.weight, std=0.02)
+    fused = mlp.down_proj(kernels.silu_gate_up(x, mlp.gate_proj.weight, mlp.up_proj.weight))
+    assert relative_max_diff(fused, mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))) < tolerance
+
+    q = torch.randn(3, 16, 192, device="cuda", dtype=dtype)
+    angles = torch.randn(3, 32, device="cuda") * 100
+    cos, sin = angles.cos(), angles.sin()
+    q_pe_reference = apply_rotary_interleaved(q[..., 128:], cos[:, None], sin[:, None])
+    k_pe_reference = apply_rotary_interleaved(projection[:, 0, 2048:], cos, sin)
+    kernels.rotate_pairs_(q[..., 128:], projection[:, 0, 2048:], cos, sin)
+    assert relative_max_diff(q[..., 128:], q_pe_reference) < tolerance
+    assert relative_max_diff(projection[:, 0, 2048:], k_pe_reference) < tolerance
+
+    config = tiny_config(hidden_size=2048, n_routed_experts=64, n_group=8, topk_group=4, num_experts_per_tok=6)
+    router = DeepseekV3TopkRouter(config).cuda().eval()
+    torch.nn.init.normal_(router.weight, std=0.02)
+    router.e_score_correction_bias.normal_(0.0, 0.05)
+    router.weight.data = router.weight.data.to(dtype)
+    with torch.no_grad():
+        for tokens in (1, 4, 37):  # the matrix-vector kernel, and cuBLAS logits beyond MAX_GEMV_TOKENS
+            hidden = torch.randn(tokens, 2048, device="cuda", dtype=dtype)
+            config.decode_kernels = True
+            idx, weight, scores = router(hidden)
+            config.decode_kernels = False
+            idx_ref, weight_ref, scores_ref = router(hidden)
+            assert relative_max_diff(scores, scores_ref) < 1e-5
+            order, order_ref = idx.sort(dim=-1), idx_ref.sort(dim=-1)
+            assert torch.equal(order.values, order_ref.values)
+            assert relative_max_diff(weight.gather(1, order.indices), weight_ref.gather(1, order_ref.indices)) < 1e-5
+
+    attention_config = tiny_config(num_attention_heads=20, num_key_value_heads=20, kv_lora_rank=512,
+                                   qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128)
+    attention = DeepseekV3Attention(attention_config, 0).cuda().to(dtype).eval()
+    B, S = 3, 300
+    q_nope, q_pe = torch.randn(B, 20, 1, 128, device="cuda", dtype=dtype), torch.randn(B, 20, 1, 64, device="cuda", dtype=dtype)
+    c_kv, k_pe = torch.randn(B, S, 512, device="cuda", dtype=dtype), torch.randn(B, S, 64, device="cuda", dtype=dtype)
+    allowed = torch.ones(B, S, dtype=torch.bool, device="cuda")
+    allowed[0, 200:] = False  # unwritten static-cache slots
+    allowed[1, :50] = False  # left padding
+    bias = torch.zeros(B, 1, 1, S, device="cuda", dtype=dtype).masked_fill(~allowed[:, None, None], torch.finfo(dtype).min)
+    with torch.no_grad():
+        for attention_bias in (bias, None):
+            fused = attention._attend_absorbed_one_token(q_nope, q_pe, c_kv, k_pe, attention_bias)
+            reference = attention._attend_absorbed(q_nope, q_pe, c_kv, k_pe, attention_bias)
+            assert relative_max_diff(fused, reference) < tolerance
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_decode_kernels_decode_equals_eager_decode(dtype, tolerance):
+    from transformers import StaticCache
+
+    model = random_model(tiny_config(), seed=7).cuda().to(dtype)
+    ids = torch.randint(2, 512, (2, 20), device="cuda")
+    with torch.no_grad():
+        model.config.decode_kernels = True
+        fast = teacher_forced_logits(model, ids, StaticCache(config=model.config, max_cache_len=32))
+        model.config.decode_kernels = False
+        model.config.cuda_graph_decode = False
+        eager = teacher_forced_logits(model, ids, StaticCache(config=model.config, max_cache_len=32))
+    assert relative_max_diff(fast, eager) < tolerance
+
+
+def test_decode_kernels_greedy_tokens_equal_eager_greedy_tokens():
+    model = random_model(tiny_config(), seed=8).cuda()
+    ids = torch.randint(2, 512, (2, 12), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding
+    kwargs = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0, attention_mask=mask)
+    model.config.decode_kernels = True
+    fast = model.generate(ids, cache_implementation="static", **kwargs)
+    model.config.decode_kernels = False
+    model.config.cuda_graph_decode = False  # the eager forward (generate() would compile it otherwise)
+    assert torch.equal(fast, model.generate(ids, cache_implementation="static", disable_compile=True, **kwargs))
 
 
 @pytest.mark.skipif(_grouped_mm is None, reason="this torch has no grouped_mm (torch < 2.8)")
