@@ -214,7 +214,8 @@ def build_attention_bias(
     allowed_TS = key_position_S[None, :] <= cache_position[:, None]
     allowed_BTS = allowed_TS[None]
     if attention_mask is not None:
-        padding_BS = attention_mask.to(torch.bool)
+        # The mask arrives on the inputs' device; under a device_map the positions may live on another GPU.
+        padding_BS = attention_mask.to(device=cache_position.device, dtype=torch.bool)
         if padding_BS.shape[-1] < kv_length:
             padding_BS = F.pad(padding_BS, (0, kv_length - padding_BS.shape[-1]), value=True)
         allowed_BTS = allowed_BTS & padding_BS[:, None, :kv_length]
@@ -1280,10 +1281,12 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
 
     def _can_replay_decode(self, input_ids, attention_mask, past_key_values, use_cache) -> bool:
         """Whether this call is a decode step the CUDA-graph path serves: `config.cuda_graph_decode`, inference
-        (no grad, eval mode), one new token per row on CUDA, a 2D padding mask, and an initialized static cache
-        (fixed-size tensors, length kept on the device)."""
+        (no grad, eval mode), one new token per row on CUDA, a 2D padding mask, an initialized static cache
+        (fixed-size tensors, length kept on the device), and the whole model on one device (a graph is captured
+        on one device's stream: a `device_map` split over GPUs or with offloading runs the eager step)."""
         return bool(
             self.config.cuda_graph_decode
+            and len(set((getattr(self, "hf_device_map", None) or {"": 0}).values())) == 1
             and not self.training
             and not torch.is_grad_enabled()
             and use_cache is not False
