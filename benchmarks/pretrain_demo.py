@@ -42,6 +42,7 @@ def parse_args():
     parser.add_argument("--eval-blocks", type=int, default=400, help="held-out blocks for the perplexity")
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--no-bf16", action="store_true", help="float32 training (default: bf16 autocast)")
+    parser.add_argument("--torch-compile", action="store_true", help="pass --torch-compile to pretrain.py")
     parser.add_argument("--plot-only", action="store_true", help="only redraw summary.md and the plot")
     parser.add_argument("--png", help="where to write the plot (default: OUTPUT_DIR/curves.png)")
     return parser.parse_args()
@@ -149,6 +150,7 @@ def main():
                  "--batch-size", args.batch_size, "--max-steps", args.max_steps, "--lr", args.lr,
                  "--warmup-steps", args.warmup_steps, "--logging-steps", args.logging_steps,
                  "--max-eval-blocks", "0", "--output-dir", output / name, *([] if args.no_bf16 else ["--bf16"]),
+                 *(["--torch-compile"] if args.torch_compile else []),
                  *RUNS[name]])
             run([sys.executable, REPO / "examples" / "evaluate.py", "--model", output / name,
                  "--block-size", args.block_size, "--max-blocks", args.eval_blocks, "--batch-size", 16,

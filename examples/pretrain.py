@@ -55,6 +55,9 @@ def add_training_arguments(parser: argparse.ArgumentParser, lr: float, output_di
                        help="no auxiliary-loss-free bias update (config.bias_update_speed = 0)")
     group.add_argument("--bf16", action="store_true", help="bfloat16 autocast (weights stay float32)")
     group.add_argument("--gradient-checkpointing", action="store_true", help="recompute layer activations in backward")
+    group.add_argument("--torch-compile", action="store_true",
+                       help="torch.compile the model (TrainingArguments.torch_compile): fuses the elementwise work; "
+                            "a one-off compile before the first step")
 
 
 def apply_training_switches(config, args: argparse.Namespace) -> None:
@@ -106,6 +109,7 @@ def train_and_save(args: argparse.Namespace, model, tokenizer: PreTrainedTokeniz
         report_to="none",
         dataloader_pin_memory=torch.cuda.is_available(),
         seed=args.seed,
+        torch_compile=args.torch_compile,
     )
     if args.gradient_checkpointing:
         # On the model rather than through TrainingArguments: transformers 5.23 renamed both the field and the
