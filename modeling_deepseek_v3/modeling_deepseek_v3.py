@@ -538,6 +538,31 @@ def _accelerate_init_device():
     return None
 
 
+def expert_loop(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor, num_experts: int,
+                expert_fn) -> torch.Tensor:
+    """`sum_k w_k * expert_{idx_k}(x)` for every token, calling `expert_fn(e, x_nD) -> y_nD` once per expert that
+    received tokens, on those tokens only. Returns float32 [T, D] (combined in float32, as the fused experts do).
+
+    Memory is O(routed tokens): nothing of the size of all experts' weights is created. The reference path of
+    the fused, quantized and LoRA experts; one host sync on the per-expert counts is accepted here."""
+    T, K = topk_idx_TK.shape
+    out_TD = torch.zeros(T, x_TD.shape[-1], dtype=torch.float32, device=x_TD.device)
+    flat_expert = topk_idx_TK.reshape(-1)
+    order = torch.argsort(flat_expert, stable=True)
+    counts = torch.bincount(flat_expert, minlength=num_experts).tolist()
+    flat_weight = topk_weight_TK.reshape(-1)
+    start = 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        slot = order[start : start + count]
+        start += count
+        token = slot // K
+        y_nD = expert_fn(expert, x_TD[token])
+        out_TD.index_add_(0, token, y_nD.float() * flat_weight[slot, None])
+    return out_TD
+
+
 def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype `F.linear` computes in for input `x`: autocast's where it is on for x's device, else x's own."""
     if torch.is_autocast_enabled(x.device.type):
@@ -598,24 +623,11 @@ class DeepseekV3Experts(nn.Module):
         return self._forward_eager(x_TD, topk_idx_TK, topk_weight_TK)
 
     def _forward_eager(self, x_TD, topk_idx_TK, topk_weight_TK):
-        T, K = topk_idx_TK.shape
-        out_TD = torch.zeros(T, x_TD.shape[-1], dtype=torch.float32, device=x_TD.device)
-        flat_expert = topk_idx_TK.reshape(-1)
-        order = torch.argsort(flat_expert, stable=True)
-        # The reference path: host sync on the per-expert counts is accepted here.
-        counts = torch.bincount(flat_expert, minlength=self.num_experts).tolist()
-        flat_weight = topk_weight_TK.reshape(-1)
-        start = 0
-        for expert, count in enumerate(counts):
-            if count == 0:
-                continue
-            slot = order[start : start + count]
-            start += count
-            token = slot // K
-            gate, up = F.linear(x_TD[token], self.gate_up_proj[expert]).chunk(2, dim=-1)
-            y = F.linear(self.act_fn(gate) * up, self.down_proj[expert])
-            out_TD.index_add_(0, token, y.float() * flat_weight[slot, None])
-        return out_TD
+        def expert(e, x_nD):
+            gate, up = F.linear(x_nD, self.gate_up_proj[e]).chunk(2, dim=-1)
+            return F.linear(self.act_fn(gate) * up, self.down_proj[e])
+
+        return expert_loop(x_TD, topk_idx_TK, topk_weight_TK, self.num_experts, expert)
 
     def _forward_gather(self, x_TD, topk_idx_TK, topk_weight_TK):
         # One (token, expert) pair per row: gather the pair's expert weights and run batched matrix-vector

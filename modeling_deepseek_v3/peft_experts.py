@@ -35,8 +35,8 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
-from .modeling_deepseek_v3 import DeepseekV3Experts, DeepseekV3PreTrainedModel, _grouped_mm
-from .quantization import DeepseekV3QuantizedExperts, dequantized_weight, expert_loop, quantize_weight
+from .modeling_deepseek_v3 import DeepseekV3Experts, DeepseekV3PreTrainedModel, _grouped_mm, expert_loop
+from .quantization import DeepseekV3QuantizedExperts, dequantized_weight, quantize_weight
 
 ATTENTION_TARGETS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")  # dense layers and shared experts (not the routed experts)

@@ -33,6 +33,8 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
+from .modeling_deepseek_v3 import expert_loop
+
 
 def _bitsandbytes():
     try:
@@ -112,31 +114,6 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
     if isinstance(weight, bnb.nn.Int8Params) and getattr(weight, "SCB", None) is not None:
         return bnb.functional.int8_vectorwise_dequant(weight.data, weight.SCB)
     return weight.detach()
-
-
-def expert_loop(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor, num_experts: int,
-                expert_fn) -> torch.Tensor:
-    """`sum_k w_k * expert_{idx_k}(x)` for every token, calling `expert_fn(e, x_nD) -> y_nD` once per expert that
-    received tokens, on those tokens only. Returns float32 [T, D] (combined in float32, as the fused experts do).
-
-    Memory is O(routed tokens): nothing of the size of all experts' weights is created. One host sync on the
-    per-expert counts (the eager reference path of `DeepseekV3Experts` accepts the same)."""
-    T, K = topk_idx_TK.shape
-    out_TD = torch.zeros(T, x_TD.shape[-1], dtype=torch.float32, device=x_TD.device)
-    flat_expert = topk_idx_TK.reshape(-1)
-    order = torch.argsort(flat_expert, stable=True)
-    counts = torch.bincount(flat_expert, minlength=num_experts).tolist()
-    flat_weight = topk_weight_TK.reshape(-1)
-    start = 0
-    for expert, count in enumerate(counts):
-        if count == 0:
-            continue
-        slot = order[start : start + count]
-        start += count
-        token = slot // K
-        y_nD = expert_fn(expert, x_TD[token])
-        out_TD.index_add_(0, token, y_nD.float() * flat_weight[slot, None])
-    return out_TD
 
 
 class Stacked4bitExperts:
@@ -501,7 +478,6 @@ __all__ = [
     "bitsandbytes_config",
     "dequantized_weight",
     "expected_4bit_footprint",
-    "expert_loop",
     "is_bitsandbytes_model",
     "is_quantized_linear",
     "quantize_weight",
