@@ -459,8 +459,13 @@ class DeepseekV3TopkRouter(nn.Module):
         self.register_buffer("expert_load", torch.zeros(self.n_routed_experts, dtype=torch.float32), persistent=False)
         self.track_load = False
 
-    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x_TD [T, D] -> (topk_idx [T, K] int64, topk_weight [T, K] float32, scores [T, E] float32)."""
+    def forward(
+        self, x_TD: torch.Tensor, token_mask_T: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x_TD [T, D] -> (topk_idx [T, K] int64, topk_weight [T, K] float32, scores [T, E] float32).
+
+        `token_mask_T` (1 = real token, 0 = padding) keeps padding out of the expert-load counts; every token is
+        routed either way."""
         if self._use_fused_selection(x_TD):
             return self._forward_kernels(x_TD)
         # float32 even under bf16 autocast, which would otherwise run this linear in bf16.
@@ -487,9 +492,11 @@ class DeepseekV3TopkRouter(nn.Module):
         topk_idx_TK = choice_TE.topk(self.top_k, dim=-1, sorted=False).indices
         if self.training or self.track_load:
             with torch.no_grad():
-                self.expert_load.scatter_add_(
-                    0, topk_idx_TK.reshape(-1), torch.ones(topk_idx_TK.numel(), device=topk_idx_TK.device)
-                )
+                if token_mask_T is None:
+                    routed = torch.ones(topk_idx_TK.numel(), device=topk_idx_TK.device)
+                else:
+                    routed = token_mask_T.to(device=topk_idx_TK.device, dtype=torch.float32).repeat_interleave(self.top_k)
+                self.expert_load.scatter_add_(0, topk_idx_TK.reshape(-1), routed)
 
         topk_weight_TK = scores_TE.gather(1, topk_idx_TK)
         if self.config.norm_topk_prob and self.top_k > 1:
@@ -722,24 +729,36 @@ def _fuse_official_expert_keys(module, state_dict, prefix, *args):
 
 
 def sequence_balance_loss(
-    scores_BTE: torch.Tensor, topk_idx_BTK: torch.Tensor, alpha: float, per_sequence: bool
+    scores_BTE: torch.Tensor,
+    topk_idx_BTK: torch.Tensor,
+    alpha: float,
+    per_sequence: bool,
+    token_mask_BT: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Complementary sequence-wise balance loss `alpha * sum_i f_i * P_i` (paper eq. 17-20).
 
     `f_i = E / (K * T) * #(tokens of the sequence routed to i)`, `P_i = mean_t s'_{i,t}` with the affinities
     normalized per token (`s' = s / sum_j s_j`). Averaged over sequences; with `per_sequence=False` the whole
-    batch counts as one sequence. Only P carries a gradient.
+    batch counts as one sequence. Only P carries a gradient. With `token_mask_BT` (1 = real token) padding is
+    left out: T is each sequence's count of real tokens, and sequences without any are not averaged in.
     """
-    if not per_sequence:
-        scores_BTE = scores_BTE.reshape(1, -1, scores_BTE.shape[-1])
-        topk_idx_BTK = topk_idx_BTK.reshape(1, -1, topk_idx_BTK.shape[-1])
     B, T, E = scores_BTE.shape
+    mask_BT = (torch.ones(B, T, device=scores_BTE.device, dtype=scores_BTE.dtype) if token_mask_BT is None
+               else token_mask_BT.to(device=scores_BTE.device, dtype=scores_BTE.dtype))
+    if not per_sequence:
+        scores_BTE = scores_BTE.reshape(1, -1, E)
+        topk_idx_BTK = topk_idx_BTK.reshape(1, -1, topk_idx_BTK.shape[-1])
+        mask_BT = mask_BT.reshape(1, -1)
+    B, T, _ = scores_BTE.shape
     K = topk_idx_BTK.shape[-1]
-    p_BE = (scores_BTE / scores_BTE.sum(dim=-1, keepdim=True)).mean(dim=1)
+    tokens_B = mask_BT.sum(dim=1)
+    p_BE = ((scores_BTE / scores_BTE.sum(dim=-1, keepdim=True)) * mask_BT[..., None]).sum(dim=1)
     counts_BE = torch.zeros(B, E, device=scores_BTE.device, dtype=scores_BTE.dtype)
-    counts_BE.scatter_add_(1, topk_idx_BTK.reshape(B, T * K), torch.ones(B, T * K, device=scores_BTE.device, dtype=counts_BE.dtype))
-    f_BE = counts_BE * (E / (K * T))
-    return alpha * (f_BE * p_BE).sum(dim=-1).mean()
+    counts_BE.scatter_add_(1, topk_idx_BTK.reshape(B, T * K), mask_BT.repeat_interleave(K, dim=1))
+    # f_i * P_i with f = E / (K * T_b) * count and P = sum / T_b.
+    per_sequence_B = (counts_BE * p_BE).sum(dim=-1) * E / K / tokens_B.clamp(min=1) ** 2
+    has_tokens_B = (tokens_B > 0).to(per_sequence_B.dtype)
+    return alpha * (per_sequence_B * has_tokens_B).sum() / has_tokens_B.sum().clamp(min=1)
 
 
 class DeepseekV3MoE(nn.Module):
@@ -756,18 +775,24 @@ class DeepseekV3MoE(nn.Module):
             else None
         )
 
-    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """hidden_states [B, T, D] -> (output [B, T, D], sequence balance loss or None outside training)."""
+    def forward(
+        self, hidden_states: torch.Tensor, token_mask_BT: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """hidden_states [B, T, D], token_mask_BT [B, T] (1 = real token; padding is routed but not counted in the
+        expert load nor in the balance loss) -> (output [B, T, D], sequence balance loss or None outside
+        training)."""
         B, T, D = hidden_states.shape
         x_TD = hidden_states.reshape(-1, D)
-        topk_idx, topk_weight, scores = self.gate(x_TD)
+        token_mask_T = token_mask_BT.reshape(-1) if token_mask_BT is not None else None
+        topk_idx, topk_weight, scores = self.gate(x_TD, token_mask_T)
         out = self.experts(x_TD, topk_idx, topk_weight).to(hidden_states.dtype).view(B, T, D)
         if self.shared_experts is not None:
             out = out + self.shared_experts(hidden_states)
         aux_loss = None
         if self.training and self.config.aux_loss_alpha > 0:
             aux_loss = sequence_balance_loss(
-                scores.view(B, T, -1), topk_idx.view(B, T, -1), self.config.aux_loss_alpha, self.config.seq_aux
+                scores.view(B, T, -1), topk_idx.view(B, T, -1), self.config.aux_loss_alpha, self.config.seq_aux,
+                token_mask_BT,
             )
         return out, aux_loss
 
@@ -795,16 +820,21 @@ class DeepseekV3DecoderLayer(GradientCheckpointingLayer):
         attention_bias: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
         use_absorbed: bool = False,
+        token_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """[B, T, D] -> ([B, T, D], balance loss of this layer or None)."""
+        """[B, T, D] -> ([B, T, D], balance loss of this layer or None). `token_mask` [B, T] (1 = real token) keeps
+        padding out of the MoE's load counts and balance loss."""
         residual = hidden_states
         hidden_states = self.self_attn(
             self.input_layernorm(hidden_states), position_embeddings, attention_bias, past_key_values, use_absorbed
         )
         hidden_states = residual + hidden_states
         residual = hidden_states
-        ffn_out = self.mlp(self.post_attention_layernorm(hidden_states))
+        if isinstance(self.mlp, DeepseekV3MoE):
+            ffn_out = self.mlp(self.post_attention_layernorm(hidden_states), token_mask)
+        else:
+            ffn_out = self.mlp(self.post_attention_layernorm(hidden_states))
         aux_loss = None
         if isinstance(ffn_out, tuple):
             ffn_out, aux_loss = ffn_out
@@ -850,12 +880,13 @@ class DeepseekV3MTPLayer(DeepseekV3DecoderLayer):
         attention_bias: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
         use_absorbed: bool = False,
+        token_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """input_embeds [B, T, D] (embeddings of t_{i+k}), previous_hidden [B, T, D] (h^{k-1}_i) -> (h^k [B, T, D],
         balance loss or None). Apply `shared_head.norm` and `lm_head` for the logits."""
         h_prime = self.eh_proj(torch.cat((self.enorm(input_embeds), self.hnorm(previous_hidden)), dim=-1))
-        return super().forward(h_prime, position_embeddings, attention_bias, past_key_values, use_absorbed)
+        return super().forward(h_prime, position_embeddings, attention_bias, past_key_values, use_absorbed, token_mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1168,6 +1199,8 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         use_absorbed = form == "absorbed" or (form == "auto" and past_key_values is not None and has_past)
 
         position_embeddings = self.rotary_emb(position_ids)
+        # The new tokens' padding mask (a view): padding is left out of the expert load and the balance loss.
+        token_mask = attention_mask[:, -T:] if attention_mask is not None and attention_mask.dim() == 2 else None
         hidden_states = inputs_embeds
         aux_loss = None
         for layer in self.layers[: self.config.num_hidden_layers]:
@@ -1177,6 +1210,7 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
                 attention_bias,
                 past_key_values=past_key_values,
                 use_absorbed=use_absorbed,
+                token_mask=token_mask,
             )
             if layer_aux is not None:
                 aux_loss = layer_aux if aux_loss is None else aux_loss + layer_aux
@@ -1370,6 +1404,8 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
                 previous_hidden[:, :t_k],
                 self.model.rotary_emb(position_ids[:, :t_k]),
                 build_attention_bias(mask_k, cache_position, t_k, hidden_states.dtype),
+                # Position i is real when both its hidden state (i) and its input token (i + k) are.
+                token_mask=mask_k * attention_mask[:, k:] if attention_mask is not None else None,
             )
             logits_k = self.lm_head(layer.shared_head.norm(previous_hidden))
             # labels[:, k:] shifted by one inside the loss: position i is scored on token i + k + 1.

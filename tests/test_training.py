@@ -171,3 +171,51 @@ def test_training_flops_count_six_flops_per_weight_a_token_uses():
     extra = training_flops_per_token(config, seq_len=64) - training_flops_per_token(config, seq_len=0)
     assert extra == layers * 3 * 2 * config.num_attention_heads * (config.qk_head_dim + config.v_head_dim) * 32
     assert training_flops_per_token(config, 0, include_mtp=False) < training_flops_per_token(config, 0)
+
+
+def test_padding_is_left_out_of_the_expert_load_and_the_balance_loss():
+    """A right-padded batch counts the same routed tokens, and has the same sequence-wise balance loss, as its
+    sequences run alone without padding (the padding is routed, but neither counted nor balanced)."""
+    model = random_model(tiny_config(aux_loss_alpha=0.01, seq_aux=True), seed=4).train()
+    generator = torch.Generator().manual_seed(0)
+    first, second = torch.randint(2, 512, (1, 12), generator=generator), torch.randint(2, 512, (1, 7), generator=generator)
+    padded = torch.cat([first, torch.cat([second, torch.zeros(1, 5, dtype=torch.long)], dim=1)])
+    mask = torch.ones_like(padded)
+    mask[1, 7:] = 0
+
+    def loads():
+        values = [router.expert_load.clone() for router in model.expert_routers()]
+        for router in model.expert_routers():
+            router.expert_load.zero_()
+        return values
+
+    loads()
+    with torch.no_grad():
+        batch_aux = model(padded, attention_mask=mask).aux_loss
+        batch_loads = loads()
+        alone_aux = [model(ids).aux_loss for ids in (first, second)]
+        alone_loads = loads()
+    for batch_load, alone_load in zip(batch_loads, alone_loads):
+        assert torch.equal(batch_load, alone_load)
+    moe_layers = model.config.num_hidden_layers - model.config.first_k_dense_replace  # the MTP layer runs with labels only
+    assert sum(float(load.sum()) for load in batch_loads) == (12 + 7) * model.config.num_experts_per_tok * moe_layers
+    assert torch.allclose(batch_aux, (alone_aux[0] + alone_aux[1]) / 2, rtol=1e-5, atol=1e-7)
+
+
+def test_sequence_balance_loss_with_a_full_mask_is_the_unmasked_loss():
+    from modeling_deepseek_v3.modeling_deepseek_v3 import sequence_balance_loss
+
+    generator = torch.Generator().manual_seed(1)
+    scores = torch.rand(3, 10, 16, generator=generator)
+    topk = scores.topk(4, dim=-1).indices
+    for per_sequence in (True, False):
+        plain = sequence_balance_loss(scores, topk, 0.01, per_sequence)
+        masked = sequence_balance_loss(scores, topk, 0.01, per_sequence, torch.ones(3, 10))
+        assert torch.allclose(plain, masked)
+        # f_i * P_i written out for one sequence: E / (K T) * count_i * mean_t s'_{i,t}
+        if per_sequence:
+            s = scores[0] / scores[0].sum(-1, keepdim=True)
+            count = torch.bincount(topk[0].reshape(-1), minlength=16).float()
+            by_hand = 0.01 * (16 / (4 * 10) * count * s.mean(0)).sum()
+            single = sequence_balance_loss(scores[:1], topk[:1], 0.01, True)
+            assert torch.allclose(single, by_hand)
