@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, default_data_collator
+from transformers import AutoModelForCausalLM, default_data_collator
 
 import modeling_deepseek_v3  # noqa: F401  (registers the classes with the Auto API)
 from modeling_deepseek_v3.data import (
@@ -35,6 +35,7 @@ from modeling_deepseek_v3.data import (
     split_documents,
     stdlib_files,
 )
+from pretrain import load_tokenizer_or_exit
 
 
 def parse_args():
@@ -65,10 +66,7 @@ def main():
         source = f"the held-out standard library split (fraction {args.validation_fraction}, seed {args.seed})"
 
     tokenizer_path = args.tokenizer or args.model
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    except (OSError, ValueError) as error:
-        raise SystemExit(f"no tokenizer could be loaded from {tokenizer_path!r} ({error}); pass --tokenizer PATH")
+    tokenizer = load_tokenizer_or_exit(tokenizer_path)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(args.device).eval()
     check_tokenizer_fits(tokenizer, model.config.vocab_size, source=f"the tokenizer in {tokenizer_path!r}")
     if args.block_size > model.config.max_position_embeddings:

@@ -15,11 +15,17 @@ training helpers of `examples/pretrain.py`, which must sit in the same folder.
 import argparse
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+from transformers import AutoModelForCausalLM, set_seed
 
 import modeling_deepseek_v3  # noqa: F401  (registers the classes with the Auto API)
 from modeling_deepseek_v3.data import add_data_arguments, check_tokenizer_fits, documents_from_args
-from pretrain import add_training_arguments, apply_training_switches, check_block_size, train_and_save
+from pretrain import (
+    add_training_arguments,
+    apply_training_switches,
+    check_block_size,
+    load_tokenizer_or_exit,
+    train_and_save,
+)
 
 
 def parse_args():
@@ -36,10 +42,7 @@ def main():
     args = parse_args()
     set_seed(args.seed)
     tokenizer_path = args.tokenizer or args.model
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    except (OSError, ValueError) as error:
-        raise SystemExit(f"no tokenizer could be loaded from {tokenizer_path!r} ({error}); pass --tokenizer PATH")
+    tokenizer = load_tokenizer_or_exit(tokenizer_path)
     # float32 master weights; --bf16 autocasts the compute.
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     check_tokenizer_fits(tokenizer, model.config.vocab_size, source=f"the tokenizer in {tokenizer_path!r}")

@@ -23,12 +23,18 @@ from pathlib import Path
 
 import torch
 from peft import get_peft_model, prepare_model_for_kbit_training
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, set_seed
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, set_seed
 
 import modeling_deepseek_v3  # noqa: F401  (registers the classes with the Auto API)
 from modeling_deepseek_v3.data import add_data_arguments, check_tokenizer_fits, documents_from_args
 from modeling_deepseek_v3.peft_experts import TARGET_PRESETS, lora_config
-from pretrain import add_training_arguments, apply_training_switches, check_block_size, train_and_save
+from pretrain import (
+    add_training_arguments,
+    apply_training_switches,
+    check_block_size,
+    load_tokenizer_or_exit,
+    train_and_save,
+)
 
 
 def parse_args():
@@ -57,10 +63,7 @@ def main():
                          "into the unquantized model instead (peft_experts.load_lora_adapter, merge_and_unload)")
     set_seed(args.seed)
     tokenizer_path = args.tokenizer or args.model
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    except (OSError, ValueError) as error:
-        raise SystemExit(f"no tokenizer could be loaded from {tokenizer_path!r} ({error}); pass --tokenizer PATH")
+    tokenizer = load_tokenizer_or_exit(tokenizer_path)
     if args.qlora:
         compute = torch.bfloat16 if args.bf16 else torch.float32
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,

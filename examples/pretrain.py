@@ -68,6 +68,14 @@ def apply_training_switches(config, args: argparse.Namespace) -> None:
         config.bias_update_speed = 0.0
 
 
+def load_tokenizer_or_exit(path: str) -> PreTrainedTokenizerBase:
+    """`AutoTokenizer.from_pretrained(path)`, or exit with a message naming the folder."""
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"no tokenizer could be loaded from {path!r} ({error}); pass --tokenizer PATH")
+
+
 def check_block_size(config, block_size: int) -> None:
     """Stop with a message when a block is longer than the model's positions."""
     if block_size > config.max_position_embeddings:
@@ -185,7 +193,7 @@ def main():
     train_documents, validation_documents, description = documents_from_args(args)
 
     if args.tokenizer is not None:
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        tokenizer = load_tokenizer_or_exit(args.tokenizer)
         fields["vocab_size"] = args.vocab_size or len(tokenizer)
     else:
         fields["vocab_size"] = args.vocab_size or fields["vocab_size"]

@@ -433,7 +433,7 @@ def from_inference(src, dst, config_path, overwrite: bool = False, max_shard_byt
         config_dict = json.loads(config_path.read_text())
     except json.JSONDecodeError as error:
         raise ConversionError(f"--config {config_path}: not valid JSON ({error})") from None
-    config = _model_config(config_dict, config_path)
+    _model_config(config_dict, config_path)  # a clear error for an inconsistent config, before any work
     files = sorted(src.glob("model*-mp*.safetensors"))
     found = {}
     for path in files:

@@ -13,7 +13,6 @@
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -220,7 +219,6 @@ def load_fp8_checkpoint(model_class, folder, config, dtype=torch.bfloat16, devic
     placement = _resolve_device_map(model, device_map, max_memory, dtype)
     params = dict(model.named_parameters())
     fused_filled = {}  # fused expert parameter -> set of (expert, half) written
-    n_main_and_mtp = config.num_hidden_layers + config.num_nextn_predict_layers
     skipped = []
 
     def model_key(key):

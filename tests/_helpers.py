@@ -64,7 +64,6 @@ def dequantize_by_blocks(weight_fp8, scale_inv):
 def write_dequantized_twin(official: dict, fp8_folder, twin_folder):
     """The non-quantized twin of an FP8 checkpoint: every FP8 weight replaced by its exact float32 dequantization,
     scales dropped, config without quantization_config."""
-    import shutil
     from pathlib import Path
 
     from safetensors.torch import save_file

@@ -7,7 +7,6 @@ import pytest
 import torch
 import transformers
 from _helpers import block_crossing_config, random_model, relative_max_diff, write_dequantized_twin
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
