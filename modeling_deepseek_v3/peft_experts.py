@@ -250,7 +250,12 @@ def _keep_target_names_for_this_model() -> None:
     linears and become `target_parameters` on the fused expert tensors (keyed by model_type, so it hits this
     package's model too). Here that would drop the dense and shared-expert MLPs from the targets and put
     merged-stack LoRA on the routed experts. The rewrite is skipped for models of this package only; every other
-    model (the built-in DeepSeek-V3 included) keeps PEFT's behaviour. A no-op on PEFT versions without it."""
+    model (the built-in DeepSeek-V3 included) keeps PEFT's behaviour. A no-op on PEFT versions without it.
+
+    The same hook runs on every config PEFT injects into one of this package's models (`get_peft_model`,
+    `PeftModel.from_pretrained`, `load_adapter`), so it also registers `LoraExperts` there (configs without
+    `target_parameters`): once this module is imported, a plain `LoraConfig(target_modules=[..., "experts"])` and a
+    plain `PeftModel.from_pretrained` work."""
     try:
         from peft.utils import transformers_weight_conversion as conversion
     except ImportError:
@@ -263,6 +268,9 @@ def _keep_target_names_for_this_model() -> None:
     def convert_peft_config_for_transformers(peft_config, *args, **kwargs):
         model = kwargs.get("model", args[0] if args else None)
         if isinstance(model, DeepseekV3PreTrainedModel):
+            # Not with `target_parameters`: PEFT would dispatch those to the registered layer too.
+            if isinstance(peft_config, LoraConfig) and not getattr(peft_config, "target_parameters", None):
+                register_expert_lora(peft_config)
             return None
         return original(peft_config, *args, **kwargs)
 

@@ -101,8 +101,18 @@ def test_adapter_saves_and_reloads_to_identical_outputs(tmp_path):
     keys = load_file(tmp_path / "adapter_model.safetensors").keys()
     assert "base_model.model.model.layers.1.mlp.experts.lora_gate_up_A" in keys
     reloaded = load_lora_adapter(random_model(tiny_config(), seed=5), tmp_path)
+    # Plain PEFT, no helper: importing peft_experts registers the expert layer on every config PEFT injects.
+    plain = peft.PeftModel.from_pretrained(random_model(tiny_config(), seed=5), tmp_path)
+    assert isinstance(plain.base_model.model.model.layers[1].mlp.experts, LoraExperts)
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, expected)
+        assert torch.equal(plain(ids).logits, expected)
+
+
+def test_a_plain_lora_config_targeting_experts_gets_per_expert_adapters():
+    config = peft.LoraConfig(r=4, target_modules=["q_a_proj", "experts"], init_lora_weights=False)
+    model = peft.get_peft_model(random_model(tiny_config(), seed=5), config)
+    assert isinstance(model.base_model.model.model.layers[1].mlp.experts, LoraExperts)
 
 
 def test_merge_and_unload_equals_the_unmerged_forward_and_saves_the_official_layout(tmp_path):
