@@ -407,6 +407,21 @@ class DeepseekV3Attention(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# Inference over more tokens than this (a long prompt's prefill) runs the feed-forward blocks chunk by chunk: every
+# token is computed independently there, and the intermediates of a 32k-token prompt (the dense MLP's [T, 10944],
+# the MoE's expert-sorted copies, gate/up activations and float32 combine) would otherwise take several GB.
+INFERENCE_CHUNK_TOKENS = 8192
+
+
+def _inference_chunks(module: nn.Module, n_tokens: int) -> int | None:
+    """The chunk size for `n_tokens` tokens through `module`, or None to run them at once (training, autograd,
+    or few tokens)."""
+    chunk = getattr(module, "inference_chunk_tokens", INFERENCE_CHUNK_TOKENS)
+    if module.training or torch.is_grad_enabled() or n_tokens <= chunk:
+        return None
+    return chunk
+
+
 class DeepseekV3MLP(nn.Module):
     """Gated MLP `down(act(gate(x)) * up(x))`: the dense layers and the shared experts. With `decode_kernels`, a
     few tokens in CUDA inference run gate, up and SiLU as one Triton pass (`decode_kernels.silu_gate_up`) and
@@ -422,6 +437,16 @@ class DeepseekV3MLP(nn.Module):
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        chunk = _inference_chunks(self, x.numel() // x.shape[-1])
+        if chunk is not None:
+            x_TD = x.reshape(-1, x.shape[-1])
+            out_TD = x_TD.new_empty(x_TD.shape[0], self.down_proj.out_features)
+            for start in range(0, x_TD.shape[0], chunk):
+                out_TD[start : start + chunk] = self._forward(x_TD[start : start + chunk])
+            return out_TD.view(*x.shape[:-1], -1)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         kernels = _use_decode_kernels(self.config, self, x) and x.numel() <= MAX_GEMV_TOKENS * x.shape[-1]
         if kernels and self.config.hidden_act == "silu" and _plain_weight(self.gate_proj, x) and _plain_weight(
             self.up_proj, x
@@ -784,8 +809,18 @@ class DeepseekV3MoE(nn.Module):
         B, T, D = hidden_states.shape
         x_TD = hidden_states.reshape(-1, D)
         token_mask_T = token_mask_BT.reshape(-1) if token_mask_BT is not None else None
-        topk_idx, topk_weight, scores = self.gate(x_TD, token_mask_T)
-        out = self.experts(x_TD, topk_idx, topk_weight).to(hidden_states.dtype).view(B, T, D)
+        chunk = _inference_chunks(self, B * T)
+        if chunk is not None:
+            # Tokens are routed independently: chunk by chunk gives each token the same experts and weights.
+            out_TD = torch.empty_like(x_TD)
+            for start in range(0, B * T, chunk):
+                part = slice(start, start + chunk)
+                topk_idx, topk_weight, _ = self.gate(x_TD[part], token_mask_T[part] if token_mask_T is not None else None)
+                out_TD[part] = self.experts(x_TD[part], topk_idx, topk_weight)
+            out = out_TD.view(B, T, D)
+        else:
+            topk_idx, topk_weight, scores = self.gate(x_TD, token_mask_T)
+            out = self.experts(x_TD, topk_idx, topk_weight).to(hidden_states.dtype).view(B, T, D)
         if self.shared_experts is not None:
             out = out + self.shared_experts(hidden_states)
         aux_loss = None

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from _helpers import random_model, relative_max_diff, tiny_config
+from _helpers import LargestAllocation, random_model, relative_max_diff, tiny_config
 
 from modeling_deepseek_v3.modeling_deepseek_v3 import (
     DeepseekV3Experts,
@@ -219,3 +219,48 @@ def test_auto_uses_gather_for_decode_sized_batches_and_matches_eager_model():
         step_b = eager(ids[:, :1], past_key_values=b.past_key_values).logits
     assert relative_max_diff(step_a, step_b) < 1e-5
     assert calls  # 1 token x 4 experts <= 16 experts: gather
+
+
+def _set_inference_chunk(model, tokens):
+    for module in model.modules():
+        if isinstance(module, (DeepseekV3MoE, DeepseekV3MLP)):
+            module.inference_chunk_tokens = tokens
+
+
+@pytest.mark.parametrize("implementation", ["eager", "grouped_mm"])
+def test_long_prompt_feed_forward_in_token_chunks_equals_all_at_once(implementation):
+    """Inference over many tokens runs the dense MLP, the shared and the routed experts chunk by chunk: the same
+    logits and the same routed-token counts as one pass."""
+    if implementation == "grouped_mm" and _grouped_mm is None:
+        pytest.skip("this torch has no grouped_mm (torch < 2.8)")
+    model = random_model(tiny_config(moe_implementation=implementation), seed=6).eval()
+    ids = torch.randint(2, 512, (2, 40), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # left padding: left out of the counts in both
+    results = []
+    for chunk in (None, 7):
+        if chunk is not None:
+            _set_inference_chunk(model, chunk)
+        with torch.no_grad(), model.tracking_expert_load():
+            logits = model(ids, attention_mask=mask).logits
+            loads = [router.expert_load.clone() for router in model.expert_routers()]
+        model.expert_load_statistics(reset=True)
+        results.append((logits, loads))
+    (whole, whole_loads), (chunked, chunked_loads) = results
+    assert relative_max_diff(chunked, whole) < 1e-6
+    for a, b in zip(whole_loads, chunked_loads):
+        assert torch.equal(a, b)
+
+
+def test_chunked_inference_bounds_the_largest_feed_forward_allocation():
+    model = random_model(tiny_config(intermediate_size=4096, moe_implementation="eager"), seed=6).eval()
+    ids = torch.randint(2, 512, (1, 256), generator=torch.Generator().manual_seed(0))
+    largest = []
+    for chunk in (None, 32):
+        if chunk is not None:
+            _set_inference_chunk(model, chunk)
+        with torch.no_grad(), LargestAllocation() as allocation:
+            model(ids, use_cache=False)
+        largest.append(allocation.nbytes)
+    dense_intermediate = 256 * 4096 * 4
+    assert largest[0] >= dense_intermediate > 2 * largest[1]
