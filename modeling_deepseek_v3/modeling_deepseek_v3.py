@@ -684,14 +684,7 @@ class DeepseekV3Experts(nn.Module):
         return (y_PD * topk_weight_TK.reshape(-1, 1)).view(T, K, -1).sum(dim=1)
 
     def _forward_grouped_mm(self, x_TD, topk_idx_TK, topk_weight_TK):
-        T, K = topk_idx_TK.shape
-        flat_expert = topk_idx_TK.reshape(-1)
-        order = torch.argsort(flat_expert, stable=True)
-        token = order // K
-        # Group ends as int32 offsets, computed on the device with a scatter-add (bincount syncs on CUDA).
-        counts = torch.zeros(self.num_experts, dtype=torch.int32, device=x_TD.device)
-        counts.scatter_add_(0, flat_expert, torch.ones_like(flat_expert, dtype=torch.int32))
-        offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+        order, token, offsets = sort_by_expert(topk_idx_TK, self.num_experts)
         # Under bf16 autocast (float32 master weights, as the Trainer's --bf16 runs) the grouped GEMMs run in bf16,
         # as F.linear would; the kernel takes one dtype.
         dtype = _matmul_dtype(x_TD)
@@ -699,7 +692,18 @@ class DeepseekV3Experts(nn.Module):
         gate_up = _grouped_mm(x_sorted, self.gate_up_proj.to(dtype).transpose(1, 2), offs=offsets)
         gate, up = gate_up.chunk(2, dim=-1)
         y = _grouped_mm(self.act_fn(gate) * up, self.down_proj.to(dtype).transpose(1, 2), offs=offsets)
-        return _WeightedCombine.apply(y, topk_weight_TK.reshape(-1)[order], token, T)
+        return _WeightedCombine.apply(y, topk_weight_TK.reshape(-1)[order], token, x_TD.shape[0])
+
+
+def sort_by_expert(topk_idx_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The T*K (token, expert) pairs sorted by expert, for grouped GEMMs: (order_P, the pairs' flat indices in
+    expert order; token_P, each sorted pair's token; offsets_E, int32 group ends). The offsets come from a
+    scatter-add on the device (bincount syncs on CUDA)."""
+    flat_expert = topk_idx_TK.reshape(-1)
+    order_P = torch.argsort(flat_expert, stable=True)
+    counts_E = torch.zeros(num_experts, dtype=torch.int32, device=flat_expert.device)
+    counts_E.scatter_add_(0, flat_expert, torch.ones_like(flat_expert, dtype=torch.int32))
+    return order_P, order_P // topk_idx_TK.shape[1], torch.cumsum(counts_E, dim=0, dtype=torch.int32)
 
 
 class _WeightedCombine(torch.autograd.Function):

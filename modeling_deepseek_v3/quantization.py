@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
-from .modeling_deepseek_v3 import expert_loop
+from .modeling_deepseek_v3 import DeepseekV3Experts, _grouped_mm, _WeightedCombine, expert_loop, sort_by_expert
 
 
 def _bitsandbytes():
@@ -192,7 +192,6 @@ class Stacked4bitExperts:
         """Rows of `x_PX` sorted by expert (group ends `offsets_E`, int32) times their expert's weight: `x @ W_e^T`
         ([P, X] -> [P, O]) if `transposed`, else `x @ W_e` ([P, O] -> [P, X], the input gradient). `chunks`:
         None (all experts at once) or (first expert, end expert, first row, end row) tuples covering all rows."""
-        from .modeling_deepseek_v3 import _grouped_mm
 
         def multiply(x, start, stop, offsets):
             w = self.dequantize(start, stop, dtype)
@@ -294,8 +293,6 @@ class DeepseekV3QuantizedExperts(nn.Module):
 
     def use_grouped_mm(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor) -> bool:
         """Whether `moe_implementation` (see the class docstring) picks the grouped path for this input."""
-        from .modeling_deepseek_v3 import _grouped_mm
-
         implementation = self.config.moe_implementation
         if not self.is_4bit() or implementation not in ("auto", "grouped_mm"):
             return False
@@ -331,14 +328,7 @@ class DeepseekV3QuantizedExperts(nn.Module):
         """The grouped path of `forward`. `gate_up_delta(x_PD, offsets_E)` -> [P, 2I] and `down_delta(h_PI,
         offsets_E)` -> [P, D], if given, are added to the projections of the sorted rows (LoRA, peft_experts.py);
         `offsets_E` holds the int32 group ends of the P rows sorted by expert."""
-        T, K = topk_idx_TK.shape
-        flat_expert = topk_idx_TK.reshape(-1)
-        order_P = torch.argsort(flat_expert, stable=True)
-        token_P = order_P // K
-        # Group ends computed on the device with a scatter-add (bincount syncs on CUDA).
-        counts_E = torch.zeros(self.num_experts, dtype=torch.int32, device=x_TD.device)
-        counts_E.scatter_add_(0, flat_expert, torch.ones_like(flat_expert, dtype=torch.int32))
-        offsets_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
+        order_P, token_P, offsets_E = sort_by_expert(topk_idx_TK, self.num_experts)
         dtype = self.compute_dtype(x_TD)
         gate_up, down = self.stacked("gate_up"), self.stacked("down")
         per_chunk = [max(1, self.dequantize_chunk_bytes // (math.prod(w.shape) * dtype.itemsize)) for w in (gate_up, down)]
@@ -354,9 +344,7 @@ class DeepseekV3QuantizedExperts(nn.Module):
         y_PD = _Frozen4bitGroupedMM.apply(h_PI, offsets_E, down, down_chunks, dtype)
         if down_delta is not None:
             y_PD = y_PD + down_delta(h_PI, offsets_E).to(dtype)
-        weighted_PD = y_PD.float() * topk_weight_TK.reshape(-1)[order_P, None]
-        out_TD = torch.zeros(T, x_TD.shape[-1], dtype=torch.float32, device=x_TD.device)
-        return out_TD.index_add_(0, token_P, weighted_PD)
+        return _WeightedCombine.apply(y_PD, topk_weight_TK.reshape(-1)[order_P], token_P, x_TD.shape[0])
 
     def _chunks(self, per_chunk: int, ends: list | None):
         if per_chunk >= self.num_experts:
@@ -385,8 +373,6 @@ class BitsAndBytesQuantizer:
     def prepare(self, model: nn.Module) -> None:
         """Replace, on a meta-device model, every `nn.Linear` and `DeepseekV3Experts` not skipped by quantized
         modules."""
-        from .modeling_deepseek_v3 import DeepseekV3Experts
-
         for name, module in list(model.named_modules()):
             if not name or _matches(name, self.skip_modules):
                 continue
