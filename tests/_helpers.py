@@ -1,6 +1,9 @@
 """Tiny configs and random models shared by the tests."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -99,3 +102,14 @@ class LargestAllocation(TorchDispatchMode):
             if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() not in inputs:
                 self.nbytes = max(self.nbytes, tensor.untyped_storage().nbytes())
         return out
+
+
+def run_example(script, *args) -> str:
+    """Run `examples/<script>` with `args` in a fresh interpreter; fail the test with its output tails."""
+    # One compute thread: the tiny model gains nothing from more, and spinning OpenMP threads on a busy 2-core
+    # machine can slow a run tenfold.
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    result = subprocess.run([sys.executable, str(REPO / "examples" / script), *map(str, args)],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result.stdout

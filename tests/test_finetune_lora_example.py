@@ -1,12 +1,9 @@
 """examples/finetune_lora.py runs end to end, offline: LoRA with a merged official-layout save, and QLoRA."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
-from _helpers import REPO, random_model, tiny_config
+from _helpers import random_model, run_example, tiny_config
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
@@ -16,14 +13,6 @@ pytest.importorskip("peft", reason="peft is a dev dependency (pip install -e '.[
 
 # bitsandbytes 0.50's CPU 4-bit kernels need in_features % 64 == 0 and out_features % 32 == 0 (test_quantization.py).
 QUANTIZABLE = dict(moe_intermediate_size=64, q_lora_rank=64, kv_lora_rank=64, qk_rope_head_dim=32)
-
-
-def run_finetune_lora(*args):
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    result = subprocess.run([sys.executable, str(REPO / "examples" / "finetune_lora.py"), *map(str, args)],
-                            capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    return result.stdout
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +42,7 @@ def common_args(corpus, output):
 
 def test_lora_on_all_targets_saves_the_adapter_and_a_merged_official_checkpoint(base_and_corpus, tmp_path):
     base, corpus = base_and_corpus
-    stdout = run_finetune_lora("--model", base, "--targets", "all", "--rank", "4", "--merge",
+    stdout = run_example("finetune_lora.py", "--model", base, "--targets", "all", "--rank", "4", "--merge",
                                "--gradient-checkpointing", *common_args(corpus, tmp_path))
     assert "trainable" in stdout and "tokens/s" in stdout
     adapter_config = json.loads((tmp_path / "adapter_config.json").read_text())
@@ -74,7 +63,7 @@ def test_lora_on_all_targets_saves_the_adapter_and_a_merged_official_checkpoint(
 def test_qlora_trains_a_4bit_base_and_saves_the_adapter(base_and_corpus, tmp_path):
     pytest.importorskip("bitsandbytes", reason="bitsandbytes is a dev dependency (pip install -e '.[dev]')")
     base, corpus = base_and_corpus
-    stdout = run_finetune_lora("--model", base, "--qlora", "--targets", "all", "--rank", "4",
+    stdout = run_example("finetune_lora.py", "--model", base, "--qlora", "--targets", "all", "--rank", "4",
                                "--gradient-checkpointing", *common_args(corpus, tmp_path))
     assert "(4-bit NF4)" in stdout
     assert (tmp_path / "adapter_model.safetensors").exists()

@@ -2,27 +2,12 @@
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import modeling_deepseek_v3
-from _helpers import REPO
-
-EXAMPLES = REPO / "examples"
-
-
-def run_example(script, *args):
-    # One compute thread: the tiny model gains nothing from more, and spinning OpenMP threads on a busy 2-core
-    # machine can slow a run tenfold.
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    result = subprocess.run([sys.executable, str(EXAMPLES / script), *map(str, args)],
-                            capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    return result.stdout
+from _helpers import run_example
 
 
 @pytest.fixture(scope="module")
