@@ -91,18 +91,25 @@ def test_grouped_mm_experts_equal_the_eager_loop():
     assert relative_max_diff(grouped, eager) < 1e-5
 
 
+def random_experts_and_routing(config, tokens: int, seed: int = 3):
+    """Experts with N(0, 0.1) weights, `tokens` random inputs, and K distinct random experts per token with random
+    weights."""
+    torch.manual_seed(seed)
+    experts = DeepseekV3Experts(config)
+    torch.nn.init.normal_(experts.gate_up_proj, std=0.1)
+    torch.nn.init.normal_(experts.down_proj, std=0.1)
+    x = torch.randn(tokens, config.hidden_size)
+    K = config.num_experts_per_tok
+    topk_idx = torch.stack([torch.randperm(config.n_routed_experts)[:K] for _ in range(tokens)])
+    return experts, x, topk_idx, torch.rand(tokens, K)
+
+
 @pytest.mark.skipif(_grouped_mm is None, reason="this torch has no grouped_mm (torch < 2.8)")
 def test_grouped_mm_gradients_equal_the_eager_loop():
     """The grouped path's float32 combine has its own backward (it keeps the expert outputs in their dtype): the
     gradients of the input, both expert weights and the routing weights match the eager loop's autograd."""
     config = tiny_config()
-    torch.manual_seed(3)
-    experts = DeepseekV3Experts(config)
-    torch.nn.init.normal_(experts.gate_up_proj, std=0.1)
-    torch.nn.init.normal_(experts.down_proj, std=0.1)
-    x = torch.randn(40, config.hidden_size)
-    topk_idx = torch.stack([torch.randperm(config.n_routed_experts)[: config.num_experts_per_tok] for _ in range(40)])
-    topk_weight = torch.rand(40, config.num_experts_per_tok)
+    experts, x, topk_idx, topk_weight = random_experts_and_routing(config, tokens=40)
     upstream = torch.randn(40, config.hidden_size)
     grads = []
     for forward in (experts._forward_eager, experts._forward_grouped_mm):
@@ -125,13 +132,7 @@ def test_grouped_mm_model_equals_eager_model():
 
 def test_eager_experts_match_per_expert_linear_layers():
     config = tiny_config()
-    torch.manual_seed(3)
-    experts = DeepseekV3Experts(config)
-    torch.nn.init.normal_(experts.gate_up_proj, std=0.1)
-    torch.nn.init.normal_(experts.down_proj, std=0.1)
-    x = torch.randn(10, config.hidden_size)
-    topk_idx = torch.stack([torch.randperm(config.n_routed_experts)[: config.num_experts_per_tok] for _ in range(10)])
-    topk_weight = torch.rand(10, config.num_experts_per_tok)
+    experts, x, topk_idx, topk_weight = random_experts_and_routing(config, tokens=10)
     I = config.moe_intermediate_size
     expected = torch.zeros(10, config.hidden_size)
     for t in range(10):
