@@ -24,20 +24,9 @@ import torch
 import transformers
 
 from modeling_deepseek_v3 import DeepseekV3Config, DeepseekV3ForCausalLM
-from modeling_deepseek_v3.training import peak_bf16_flops, training_flops_per_token
+from modeling_deepseek_v3.training import peak_bf16_flops, set_activation_checkpointing, training_flops_per_token
 
 PRESETS = Path(__file__).resolve().parent.parent / "configuration"
-
-
-def enable_checkpointing(model):
-    # transformers 5.23 renamed gradient_checkpointing_enable to activation_checkpointing_enable.
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def disable_checkpointing(model):
-    disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
-    disable()
 
 
 def measure(model, args, vocab: int) -> dict:
@@ -46,7 +35,8 @@ def measure(model, args, vocab: int) -> dict:
     model.train()
     results = {}
     for checkpointing in (False, True):
-        (enable_checkpointing if checkpointing else disable_checkpointing)(model)
+        kwargs = {"gradient_checkpointing_kwargs": {"use_reentrant": False}} if checkpointing else {}
+        set_activation_checkpointing(model, checkpointing, **kwargs)
         step_fn = model
         if args.compile == "model":
             step_fn = torch.compile(model)
@@ -78,7 +68,7 @@ def measure(model, args, vocab: int) -> dict:
         results[key] = {"tokens_per_s": args.batch * args.seq / seconds, "step_ms": seconds * 1e3,
                         "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
         print(f"  {key}: {results[key]}", flush=True)
-    disable_checkpointing(model)
+    set_activation_checkpointing(model, False)
     return results
 
 

@@ -31,7 +31,12 @@ from modeling_deepseek_v3.data import (
     documents_from_args,
     train_bpe_tokenizer,
 )
-from modeling_deepseek_v3.training import DeepseekV3Trainer, peak_bf16_flops, training_flops_per_token
+from modeling_deepseek_v3.training import (
+    DeepseekV3Trainer,
+    peak_bf16_flops,
+    set_activation_checkpointing,
+    training_flops_per_token,
+)
 
 PRESETS = Path(__file__).resolve().parent.parent / "configuration"
 
@@ -120,10 +125,8 @@ def train_and_save(args: argparse.Namespace, model, tokenizer: PreTrainedTokeniz
         torch_compile=args.torch_compile,
     )
     if args.gradient_checkpointing:
-        # On the model rather than through TrainingArguments: transformers 5.23 renamed both the field and the
-        # method to `activation_checkpointing`, and earlier 5.x versions only have the old names.
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable()
+        # On the model rather than through TrainingArguments: transformers 5.23 renamed the field too.
+        set_activation_checkpointing(model, True)
     trainer = DeepseekV3Trainer(
         model=model,
         args=training_args,

@@ -122,6 +122,18 @@ class DeepseekV3Trainer(Trainer):
         return super().log(logs, *args, **kwargs)
 
 
+def set_activation_checkpointing(model, enabled: bool, **kwargs) -> None:
+    """Turn gradient (activation) checkpointing of `model`'s layers on or off; `kwargs` go to the enable call
+    (e.g. `gradient_checkpointing_kwargs={"use_reentrant": False}`). transformers 5.23 renamed the methods to
+    `activation_checkpointing_enable/disable` (the old names warn); earlier 5.x versions have only the old ones."""
+    if enabled:
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable(**kwargs)
+    else:
+        disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+        disable()
+
+
 def training_flops_per_token(config, seq_len: int, include_mtp: bool = True) -> float:
     """Model FLOPs of one training token (forward + backward = 3x forward), for MFU.
 
@@ -167,4 +179,4 @@ def peak_bf16_flops(device_name: str) -> float | None:
 
 
 __all__ = ["DeepseekV3Trainer", "ExpertBiasUpdateCallback", "MTPLossWeightSchedule", "peak_bf16_flops",
-           "training_flops_per_token"]
+           "set_activation_checkpointing", "training_flops_per_token"]

@@ -6,6 +6,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from modeling_deepseek_v3 import DeepseekV3ForCausalLM
+from modeling_deepseek_v3.training import set_activation_checkpointing
 
 
 def test_init_weights_covers_every_tensor():
@@ -43,9 +44,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     for checkpointing in (False, True):
         model = random_model(tiny_config(attention_dropout=0.0), seed=2).train()
         if checkpointing:
-            # transformers 5.23 renamed gradient_checkpointing_enable; 5.17 has only the old name.
-            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-            enable()
+            set_activation_checkpointing(model, True)
         model(ids, labels=ids).loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()
