@@ -177,7 +177,7 @@ def load_4bit(folder):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-    return AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, dtype=torch.float32, device_map="cpu")
 
 
 def test_qlora_trains_with_kbit_preparation_gradient_checkpointing_and_the_trainer(quantizable_checkpoint, tmp_path):

@@ -50,7 +50,7 @@ def plain_linears(model):
 
 def test_4bit_load_quantizes_every_linear_and_the_routed_experts(checkpoints):
     reference, root = checkpoints
-    model = AutoModelForCausalLM.from_pretrained(root / "fp32", quantization_config=NF4, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(root / "fp32", quantization_config=NF4, dtype=torch.float32, device_map="cpu")
     assert plain_linears(model) == ["lm_head"]
     assert model.is_loaded_in_4bit and model.config.quantization_config.load_in_4bit
     moe = model.model.layers[1].mlp
@@ -90,7 +90,7 @@ def test_4bit_load_quantizes_every_linear_and_the_routed_experts(checkpoints):
 
 def test_8bit_load_quantizes_every_linear_and_stays_close_to_float32(checkpoints):
     reference, root = checkpoints
-    model = AutoModelForCausalLM.from_pretrained(root / "fp32", quantization_config=INT8, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(root / "fp32", quantization_config=INT8, dtype=torch.float32, device_map="cpu")
     assert plain_linears(model) == ["lm_head"] and model.is_loaded_in_8bit
     experts = model.model.layers[2].mlp.experts
     assert isinstance(experts, DeepseekV3QuantizedExperts)
@@ -104,7 +104,7 @@ def test_8bit_load_quantizes_every_linear_and_stays_close_to_float32(checkpoints
 def test_skip_modules_keep_the_named_modules_in_high_precision(checkpoints):
     reference, root = checkpoints
     config = BitsAndBytesConfig(load_in_4bit=True, llm_int8_skip_modules=["lm_head", "experts", "kv_b_proj"])
-    model = DeepseekV3ForCausalLM.from_pretrained(root / "fp32", quantization_config=config, dtype=torch.float32)
+    model = DeepseekV3ForCausalLM.from_pretrained(root / "fp32", quantization_config=config, dtype=torch.float32, device_map="cpu")
     experts = model.model.layers[1].mlp.experts
     assert isinstance(experts, DeepseekV3Experts)
     assert torch.equal(experts.gate_up_proj, reference.model.layers[1].mlp.experts.gate_up_proj)
@@ -115,7 +115,7 @@ def test_skip_modules_keep_the_named_modules_in_high_precision(checkpoints):
 
 def test_memory_footprint_is_within_10_percent_of_the_4bit_expectation(checkpoints):
     reference, root = checkpoints
-    model = AutoModelForCausalLM.from_pretrained(root / "fp32", quantization_config=NF4, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(root / "fp32", quantization_config=NF4, dtype=torch.float32, device_map="cpu")
     # Independent of the quantized model: half a byte per weight of every linear (lm_head excepted) and of the
     # routed experts, float32 for everything else.
     quantized_names = {f"{name}.weight" for name in plain_linears(reference) if name != "lm_head"}
@@ -142,13 +142,13 @@ def test_fp8_release_loads_straight_into_4bit_one_shard_at_a_time(checkpoints, m
         return handle
 
     monkeypatch.setattr(CheckpointReader, "_open", tracking_open)
-    from_fp8 = AutoModelForCausalLM.from_pretrained(root / "fp8", quantization_config=NF4, dtype=torch.float32)
+    from_fp8 = AutoModelForCausalLM.from_pretrained(root / "fp8", quantization_config=NF4, dtype=torch.float32, device_map="cpu")
     assert max(open_shards) == 1  # each shard is released before the next one is read
     assert getattr(from_fp8.config.quantization_config, "quant_method", None) == "bitsandbytes"
     assert plain_linears(from_fp8) == ["lm_head"]
 
     # Exactly what quantizing the exactly dequantized twin gives: the FP8 weights are dequantized before NF4.
-    from_twin = AutoModelForCausalLM.from_pretrained(root / "twin", quantization_config=NF4, dtype=torch.float32)
+    from_twin = AutoModelForCausalLM.from_pretrained(root / "twin", quantization_config=NF4, dtype=torch.float32, device_map="cpu")
     a, b = dict(from_fp8.named_parameters()), dict(from_twin.named_parameters())
     assert a.keys() == b.keys()
     for name in a:
@@ -160,7 +160,7 @@ def test_fp8_release_loads_straight_into_4bit_one_shard_at_a_time(checkpoints, m
 
 def test_a_quantized_model_refuses_save_pretrained_with_a_way_out(checkpoints, tmp_path):
     _, root = checkpoints
-    model = AutoModelForCausalLM.from_pretrained(root / "fp32", quantization_config=NF4, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(root / "fp32", quantization_config=NF4, dtype=torch.float32, device_map="cpu")
     with pytest.raises(NotImplementedError, match="merge_and_unload"):
         model.save_pretrained(tmp_path)
 
