@@ -48,7 +48,9 @@ def main():
         torch.cuda.synchronize()
     events = prof.key_averages()
     cuda_total = sum(e.self_device_time_total for e in events) / 1e3
-    print(f"eager static step: {cuda_total:.2f} ms of kernel time")
+    kernels = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    print(f"eager static step: {cuda_total:.2f} ms of kernel time in {kernels} kernels "
+          f"(decode_kernels={config.decode_kernels})")
     print(events.table(sort_by="self_device_time_total", row_limit=args.top, max_name_column_width=60))
 
     for _ in range(3):

@@ -17,7 +17,14 @@ one or two launches, with the same float32 math as the eager reference in `model
 - `rotate_pairs_`: interleaved-pair RoPE of every head of `q_pe` and of `k_pe`, in place, in one launch;
 - `absorbed_decode_attention`: multi-query attention of one new token per sequence over the latent cache
   (scores `q_lat . c_kv + q_pe . k_pe`, float32 softmax, values `c_kv`), split over the keys
-  (flash-decoding) so that a long context spreads over the GPU, then one combine.
+  (flash-decoding) so that a long context spreads over the GPU, then one combine, which can apply W_UV too;
+- `latent_norm_rope`: after the fused a-projection, both latent RMSNorms and the RoPE of k_pe in one launch,
+  writing c_kv and k_pe straight into a static cache's slots (its device-side length: no host sync);
+- `absorb_query`: `q_nope @ W_UK` per head and the RoPE of q_pe, one launch;
+- `add_rms_norm`: the residual add and the next RMSNorm; `moe_combine`: the routed experts' weighted sum, the
+  shared experts and the residual, with the eager path's roundings.
+
+A MoE decoder layer's decode step is then ~18 launches (attention 9, MoE 8, one norm) instead of ~30.
 
 Shapes: T tokens (rows), D input features, E experts, K experts per token, G expert groups, H heads, L latent
 (kv_lora_rank), R rope dims, S cache slots.
@@ -245,6 +252,147 @@ if triton is not None:
         out = tl.sum(acc * weight[:, None], axis=0) / tl.where(total > 0, total, 1.0)
         tl.store(out_ptr + head * stride_oh + b * stride_ob + lat, out.to(out_ptr.dtype.element_ty), mask=lat < L)
 
+    @triton.jit
+    def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, sum_ptr, out_ptr, C, stride_x, stride_d, eps, BLOCK_C: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK_C)
+        mask = cols < C
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        d = tl.load(d_ptr + row * stride_d + cols, mask=mask, other=0.0).to(tl.float32)
+        # The residual sum rounded to the activation dtype (as `residual + hidden_states`), then normalized.
+        s = (x + d).to(sum_ptr.dtype.element_ty)
+        tl.store(sum_ptr + row * C + cols, s, mask=mask)
+        s = s.to(tl.float32)
+        variance = tl.sum(s * s, axis=0) / C
+        h = (s * tl.rsqrt(variance + eps)).to(sum_ptr.dtype.element_ty)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+        tl.store(out_ptr + row * C + cols, (h.to(tl.float32) * w.to(tl.float32)).to(out_ptr.dtype.element_ty),
+                 mask=mask)
+
+    @triton.jit
+    def _moe_combine_kernel(
+        y_ptr, weight_ptr, shared_ptr, residual_ptr, out_ptr, D, stride_y, stride_s, stride_r,
+        K: tl.constexpr, HAS_SHARED: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        token = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask = cols < D
+        acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        for k in tl.static_range(K):  # in slot order, in float32, as the eager weighted sum
+            w = tl.load(weight_ptr + token * K + k)
+            acc += tl.load(y_ptr + (token * K + k) * stride_y + cols, mask=mask, other=0.0) * w
+        # The eager rounding steps: routed sum -> activation dtype, + shared experts, + residual.
+        out = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
+        if HAS_SHARED:
+            shared = tl.load(shared_ptr + token * stride_s + cols, mask=mask, other=0.0).to(tl.float32)
+            out = (out + shared).to(out_ptr.dtype.element_ty).to(tl.float32)
+        residual = tl.load(residual_ptr + token * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + token * D + cols, (residual + out).to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _latent_norm_rope_kernel(
+        proj_ptr, q_norm_ptr, kv_norm_ptr, cos_ptr, sin_ptr, length_ptr, q_out_ptr, c_kv_ptr, k_pe_ptr,
+        T, Q, L, S, stride_p, stride_cb, stride_cs, stride_kb, stride_ks, stride_ct, eps,
+        HAS_LENGTH: tl.constexpr, HALF: tl.constexpr,
+        BLOCK_Q: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        src = proj_ptr + row * stride_p
+        # (Triton merges the variables of both branches: each branch names its own.)
+        if tl.program_id(1) == 0:
+            # q_a_layernorm of the q_a slice [0, Q).
+            q_cols = tl.arange(0, BLOCK_Q)
+            q_mask = q_cols < Q
+            q_a = tl.load(src + q_cols, mask=q_mask, other=0.0).to(tl.float32)
+            q_h = (q_a * tl.rsqrt(tl.sum(q_a * q_a, axis=0) / Q + eps)).to(proj_ptr.dtype.element_ty)
+            q_w = tl.load(q_norm_ptr + q_cols, mask=q_mask, other=0.0)
+            tl.store(q_out_ptr + row * Q + q_cols,
+                     (q_h.to(tl.float32) * q_w.to(tl.float32)).to(q_out_ptr.dtype.element_ty), mask=q_mask)
+        else:
+            # kv_a_layernorm of c_kv [Q, Q + L) and RoPE of k_pe [Q + L, Q + L + 2 * HALF), written at this token's
+            # slot: `length` (a static cache's device-side length) + the token's index in its row.
+            b = row // T
+            slot = row % T
+            if HAS_LENGTH:
+                slot += tl.load(length_ptr)
+            inside = slot < S  # never write past the cache (a full static cache)
+            cols = tl.arange(0, BLOCK_L)
+            mask = cols < L
+            x = tl.load(src + Q + cols, mask=mask, other=0.0).to(tl.float32)
+            h = (x * tl.rsqrt(tl.sum(x * x, axis=0) / L + eps)).to(proj_ptr.dtype.element_ty)
+            w = tl.load(kv_norm_ptr + cols, mask=mask, other=0.0)
+            tl.store(c_kv_ptr + b * stride_cb + slot * stride_cs + cols,
+                     (h.to(tl.float32) * w.to(tl.float32)).to(c_kv_ptr.dtype.element_ty), mask=mask & inside)
+            i = tl.arange(0, BLOCK_HALF)
+            pair_mask = i < HALF
+            cos = tl.load(cos_ptr + row * stride_ct + i, mask=pair_mask, other=0.0)
+            sin = tl.load(sin_ptr + row * stride_ct + i, mask=pair_mask, other=0.0)
+            x_even = tl.load(src + Q + L + 2 * i, mask=pair_mask, other=0.0).to(tl.float32)
+            x_odd = tl.load(src + Q + L + 2 * i + 1, mask=pair_mask, other=0.0).to(tl.float32)
+            dst = k_pe_ptr + b * stride_kb + slot * stride_ks
+            tl.store(dst + 2 * i, (x_even * cos - x_odd * sin).to(k_pe_ptr.dtype.element_ty), mask=pair_mask & inside)
+            tl.store(dst + 2 * i + 1, (x_even * sin + x_odd * cos).to(k_pe_ptr.dtype.element_ty),
+                     mask=pair_mask & inside)
+
+    @triton.jit
+    def _absorb_query_kernel(
+        q_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, N, L, stride_qb, stride_qh, stride_w, stride_c, stride_oh, stride_ob,
+        ROWS_PER_HEAD: tl.constexpr, HALF: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    ):
+        b = tl.program_id(0).to(tl.int64)
+        head = tl.program_id(1).to(tl.int64)
+        block = tl.program_id(2)
+        q_row = q_ptr + b * stride_qb + head * stride_qh
+        out_row = out_ptr + head * stride_oh + b * stride_ob
+        if block < tl.cdiv(L, BLOCK_L):
+            # q_lat[l] = sum_n q_nope[n] * W_UK[head, n, l]   (W_UK: the first N rows of the head's kv_b_proj rows)
+            n = tl.arange(0, BLOCK_N)
+            lat = block * BLOCK_L + tl.arange(0, BLOCK_L)
+            q_nope = tl.load(q_row + n, mask=n < N, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + (head * ROWS_PER_HEAD + n[:, None]) * stride_w + lat[None, :],
+                        mask=(n[:, None] < N) & (lat[None, :] < L), other=0.0)
+            q_lat = tl.sum(w.to(tl.float32) * q_nope[:, None], axis=0)
+            tl.store(out_row + lat, q_lat.to(out_ptr.dtype.element_ty), mask=lat < L)
+        else:
+            # The rotated q_pe after q_lat: interleaved pairs, as `apply_rotary_interleaved`.
+            i = tl.arange(0, BLOCK_HALF)
+            mask = i < HALF
+            cos = tl.load(cos_ptr + b * stride_c + i, mask=mask, other=0.0)
+            sin = tl.load(sin_ptr + b * stride_c + i, mask=mask, other=0.0)
+            x_even = tl.load(q_row + N + 2 * i, mask=mask, other=0.0).to(tl.float32)
+            x_odd = tl.load(q_row + N + 2 * i + 1, mask=mask, other=0.0).to(tl.float32)
+            tl.store(out_row + L + 2 * i, (x_even * cos - x_odd * sin).to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(out_row + L + 2 * i + 1, (x_even * sin + x_odd * cos).to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _absorbed_attention_combine_uv_kernel(
+        acc_ptr, max_ptr, sum_ptr, w_ptr, out_ptr, L, SPLITS, N, V,
+        stride_ab, stride_ah, stride_as, stride_mb, stride_mh, stride_w, stride_ob,
+        ROWS_PER_HEAD: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_V: tl.constexpr,
+    ):
+        b = tl.program_id(0).to(tl.int64)
+        head = tl.program_id(1).to(tl.int64)
+        v = tl.program_id(2) * BLOCK_V + tl.arange(0, BLOCK_V)
+        split = tl.arange(0, BLOCK_SPLITS)
+        stats = b * stride_mb + head * stride_mh
+        split_max = tl.load(max_ptr + stats + split, mask=split < SPLITS, other=-1e30)
+        split_sum = tl.load(sum_ptr + stats + split, mask=split < SPLITS, other=0.0)
+        weight = tl.exp(split_max - tl.max(split_max, axis=0))
+        total = tl.sum(weight * split_sum, axis=0)
+        total = tl.where(total > 0, total, 1.0)
+        out = tl.zeros((BLOCK_V,), dtype=tl.float32)
+        w_rows = w_ptr + (head * ROWS_PER_HEAD + N + v[:, None]) * stride_w
+        for start in range(0, L, BLOCK_L):
+            lat = start + tl.arange(0, BLOCK_L)
+            acc = tl.load(acc_ptr + b * stride_ab + head * stride_ah + split[:, None] * stride_as + lat[None, :],
+                          mask=(split[:, None] < SPLITS) & (lat[None, :] < L), other=0.0)
+            # o_lat, rounded to the activation dtype as the eager combine output is, then o = W_UV o_lat.
+            o_lat = (tl.sum(acc * weight[:, None], axis=0) / total).to(out_ptr.dtype.element_ty).to(tl.float32)
+            w = tl.load(w_rows + lat[None, :], mask=(v[:, None] < V) & (lat[None, :] < L), other=0.0)
+            out += tl.sum(w.to(tl.float32) * o_lat[None, :], axis=1)
+        tl.store(out_ptr + b * stride_ob + head * V + v, out.to(out_ptr.dtype.element_ty), mask=v < V)
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim of `x` [..., C] (last dim contiguous, any row stride) -> [..., C] contiguous, in
@@ -327,14 +475,19 @@ def noaux_topk(
     return idx, weight
 
 
-def rotate_pairs_(q_pe_THr: torch.Tensor, k_pe_Tr: torch.Tensor, cos_Tr: torch.Tensor, sin_Tr: torch.Tensor) -> None:
+def rotate_pairs_(
+    q_pe_THr: torch.Tensor, k_pe_Tr: torch.Tensor | None, cos_Tr: torch.Tensor, sin_Tr: torch.Tensor
+) -> None:
     """In place: rotate the pairs (x[2i], x[2i+1]) of q_pe_THr [T, H, R] (any row/head strides, last dim
-    contiguous) and k_pe_Tr [T, R] by the float32 angles cos_Tr/sin_Tr [T, R/2], as `apply_rotary_interleaved`."""
+    contiguous) and of k_pe_Tr [T, R] (or None) by the float32 angles cos_Tr/sin_Tr [T, R/2], as
+    `apply_rotary_interleaved`."""
     T, H, R = q_pe_THr.shape
-    if q_pe_THr.stride(-1) != 1 or k_pe_Tr.stride(-1) != 1:
+    if q_pe_THr.stride(-1) != 1 or (k_pe_Tr is not None and k_pe_Tr.stride(-1) != 1):
         raise ValueError("rotate_pairs_: q_pe and k_pe need a contiguous last dim")
     cos_Tr, sin_Tr = cos_Tr.contiguous(), sin_Tr.contiguous()
-    _rotate_pairs_kernel[(T, H + 1)](
+    heads = H if k_pe_Tr is None else H + 1  # program H rotates k_pe
+    k_pe_Tr = q_pe_THr if k_pe_Tr is None else k_pe_Tr
+    _rotate_pairs_kernel[(T, heads)](
         q_pe_THr, k_pe_Tr, cos_Tr, sin_Tr, H, q_pe_THr.stride(0), q_pe_THr.stride(1), k_pe_Tr.stride(0), R // 2,
         HALF=R // 2, BLOCK_HALF=triton.next_power_of_2(R // 2), num_warps=1,
     )
@@ -342,14 +495,18 @@ def rotate_pairs_(q_pe_THr: torch.Tensor, k_pe_Tr: torch.Tensor, cos_Tr: torch.T
 
 def absorbed_decode_attention(
     q_lat_HBl: torch.Tensor, q_pe_HBr: torch.Tensor, c_kv_BSl: torch.Tensor, k_pe_BSr: torch.Tensor,
-    bias_BS: torch.Tensor | None, scale: float,
+    bias_BS: torch.Tensor | None, scale: float, w_kv_b: torch.Tensor | None = None, nope_dim: int = 0,
 ) -> torch.Tensor:
     """One query token per sequence over the latent cache (multi-query: every head reads the same keys).
 
     q_lat_HBl [H, B, L] and q_pe_HBr [H, B, R] (strided views, last dim contiguous), c_kv_BSl [B, S, L],
     k_pe_BSr [B, S, R], bias_BS [B or 1, S] additive or None -> o_lat [H, B, L] in q's dtype:
     `softmax(scale * (q_lat . c_kv + q_pe . k_pe) + bias) @ c_kv`, softmax in float32. A row whose keys are all
-    masked (-inf) gives zeros."""
+    masked (-inf) gives zeros.
+
+    With `w_kv_b` (kv_b_proj's weight [H * (N + V), L], N = `nope_dim`) the combine also applies W_UV (rows N..N+V
+    of each head's block): -> o [B, H * V], the heads' values side by side as o_proj reads them (o_lat rounded to
+    q's dtype first, as the unfused path rounds it)."""
     H, B, L = q_lat_HBl.shape
     S, R = c_kv_BSl.shape[1], k_pe_BSr.shape[-1]
     block_h, block_s = 16, 32
@@ -384,6 +541,20 @@ def absorbed_decode_attention(
         BLOCK_H=block_h, BLOCK_S=block_s, BLOCK_L=max(16, triton.next_power_of_2(L)),
         BLOCK_R=max(16, triton.next_power_of_2(R)), num_warps=4, num_stages=3,
     )
+    if w_kv_b is not None:
+        rows_per_head = w_kv_b.shape[0] // H
+        V = rows_per_head - nope_dim
+        if w_kv_b.stride(-1) != 1 or w_kv_b.shape[1] != L:
+            raise ValueError(f"absorbed_decode_attention: w_kv_b {tuple(w_kv_b.shape)} is not [H * (N + V), {L}]")
+        out = torch.empty(B, H * V, dtype=q_lat_HBl.dtype, device=q_lat_HBl.device)
+        block_v = 32
+        _absorbed_attention_combine_uv_kernel[(B, H, triton.cdiv(V, block_v))](
+            acc, running[0], running[1], w_kv_b, out, L, splits, nope_dim, V,
+            acc.stride(0), acc.stride(1), acc.stride(2), running.stride(1), running.stride(2), w_kv_b.stride(0),
+            out.stride(0), ROWS_PER_HEAD=rows_per_head, BLOCK_SPLITS=triton.next_power_of_2(splits), BLOCK_L=64,
+            BLOCK_V=block_v, num_warps=4,
+        )
+        return out
     out = torch.empty(H, B, L, dtype=q_lat_HBl.dtype, device=q_lat_HBl.device)
     _absorbed_attention_combine_kernel[(B, H, triton.cdiv(L, 64))](
         acc, running[0], running[1], out, L, splits,
@@ -393,11 +564,116 @@ def absorbed_decode_attention(
     return out
 
 
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`s = x + delta` (rounded to x's dtype) and `RMSNorm(s) * weight` in one pass: the residual add before a
+    pre-norm, as `residual + out` then `DeepseekV3RMSNorm`. x, delta [..., C] (last dim contiguous, same dtype),
+    weight [C] in x's dtype -> (s, normed), both contiguous [..., C]."""
+    C = x.shape[-1]
+    x_2d, d_2d = x.reshape(-1, C), delta.reshape(-1, C)
+    if x_2d.stride(-1) != 1 or d_2d.stride(-1) != 1:
+        raise ValueError("add_rms_norm: inputs need a contiguous last dim")
+    total = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    normed = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    block = triton.next_power_of_2(C)
+    _add_rms_norm_kernel[(x_2d.shape[0],)](
+        x_2d, d_2d, weight, total, normed, C, x_2d.stride(0), d_2d.stride(0), eps, BLOCK_C=block,
+        num_warps=min(16, max(1, block // 256)),
+    )
+    return total, normed
+
+
+def moe_combine(y_PD: torch.Tensor, weight_TK: torch.Tensor, shared_TD: torch.Tensor | None,
+                residual_TD: torch.Tensor) -> torch.Tensor:
+    """The end of a MoE layer for a few tokens in one pass: `residual + ((sum_k w_k * y_k) + shared)`, with the
+    eager path's roundings (the float32 routed sum to the activation dtype, then each add).
+
+    y_PD [T * K, D] float32 (each (token, slot) pair's expert output, token-major), weight_TK [T, K] float32,
+    shared_TD [T, D] or None, residual_TD [T, D] (the activation dtype) -> [T, D] in residual's dtype."""
+    T, K = weight_TK.shape
+    D = y_PD.shape[-1]
+    out = torch.empty(T, D, dtype=residual_TD.dtype, device=residual_TD.device)
+    shared_arg = shared_TD if shared_TD is not None else residual_TD
+    for name, t in (("y_PD", y_PD), ("shared_TD", shared_arg), ("residual_TD", residual_TD)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"moe_combine: {name} needs a contiguous last dim")
+    block = 256
+    _moe_combine_kernel[(T, triton.cdiv(D, block))](
+        y_PD, weight_TK.contiguous(), shared_arg, residual_TD, out, D, y_PD.stride(0), shared_arg.stride(0),
+        residual_TD.stride(0), K=K, HAS_SHARED=shared_TD is not None, BLOCK_D=block, num_warps=2,
+    )
+    return out
+
+
+def latent_norm_rope(
+    projected_BTk: torch.Tensor, q_norm_weight: torch.Tensor, kv_norm_weight: torch.Tensor, eps: float,
+    cos_Tr: torch.Tensor, sin_Tr: torch.Tensor,
+    cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """After the fused q_a / kv_a projection `projected_BTk` [B, T, Q + L + R] ([q_a | c_kv | k_pe]), in one launch:
+    q_a_layernorm(q_a), kv_a_layernorm(c_kv) and the RoPE of k_pe (angles cos_Tr/sin_Tr [B * T, R/2], float32).
+
+    Without `cache`: -> (q_a_normed [B, T, Q], c_kv [B, T, L], k_pe [B, T, R]). With `cache = (c_kv_BSl,
+    k_pe_BSr, length)` (a static cache layer's tensors [B, S, L] / [B, S, R] and its device-side length, a 0-dim
+    int64 tensor): c_kv and k_pe are written into the slots `length + t` (no write past S) and -> (q_a_normed,
+    None, None); the caller advances the length."""
+    B, T, width = projected_BTk.shape
+    Q, L = q_norm_weight.shape[0], kv_norm_weight.shape[0]
+    R = width - Q - L
+    rows = projected_BTk.reshape(B * T, width)
+    if rows.stride(-1) != 1:
+        raise ValueError("latent_norm_rope: the projection needs a contiguous last dim")
+    q_out = torch.empty(B, T, Q, dtype=projected_BTk.dtype, device=projected_BTk.device)
+    if cache is None:
+        c_kv = torch.empty(B, T, L, dtype=projected_BTk.dtype, device=projected_BTk.device)
+        k_pe = torch.empty(B, T, R, dtype=projected_BTk.dtype, device=projected_BTk.device)
+        length, S = c_kv, T  # unused pointer when HAS_LENGTH is off
+    else:
+        c_kv, k_pe, length = cache
+        S = c_kv.shape[1]
+        if c_kv.stride(-1) != 1 or k_pe.stride(-1) != 1 or c_kv.shape[0] != B:
+            raise ValueError("latent_norm_rope: the cache tensors need batch B and a contiguous last dim")
+    cos_Tr, sin_Tr = cos_Tr.contiguous(), sin_Tr.contiguous()
+    _latent_norm_rope_kernel[(B * T, 2)](
+        rows, q_norm_weight, kv_norm_weight, cos_Tr, sin_Tr, length, q_out, c_kv, k_pe,
+        T, Q, L, S, rows.stride(0), c_kv.stride(0), c_kv.stride(1), k_pe.stride(0), k_pe.stride(1), cos_Tr.stride(0),
+        eps, HAS_LENGTH=cache is not None, HALF=R // 2, BLOCK_Q=triton.next_power_of_2(Q),
+        BLOCK_L=triton.next_power_of_2(L), BLOCK_HALF=triton.next_power_of_2(R // 2), num_warps=4,
+    )
+    if cache is not None:
+        return q_out, None, None
+    return q_out, c_kv, k_pe
+
+
+def absorb_query(q_BHk: torch.Tensor, w_kv_b: torch.Tensor, cos_Br: torch.Tensor, sin_Br: torch.Tensor,
+                 nope_dim: int) -> torch.Tensor:
+    """The absorbed query of one new token per sequence in one launch: `q_lat = q_nope @ W_UK` per head and the
+    RoPE of q_pe. q_BHk [B, H, N + R] (q_b_proj's output, last dim contiguous), w_kv_b [H * (N + V), L], angles
+    cos_Br/sin_Br [B, R/2] float32 -> [H, B, L + R] ([q_lat | rotated q_pe]) in q's dtype."""
+    B, H, width = q_BHk.shape
+    N, R = nope_dim, width - nope_dim
+    L = w_kv_b.shape[1]
+    if q_BHk.stride(-1) != 1 or w_kv_b.stride(-1) != 1:
+        raise ValueError("absorb_query: inputs need a contiguous last dim")
+    cos_Br, sin_Br = cos_Br.contiguous(), sin_Br.contiguous()
+    out = torch.empty(H, B, L + R, dtype=q_BHk.dtype, device=q_BHk.device)
+    block_l = 64
+    _absorb_query_kernel[(B, H, triton.cdiv(L, block_l) + 1)](
+        q_BHk, w_kv_b, cos_Br, sin_Br, out, N, L, q_BHk.stride(0), q_BHk.stride(1), w_kv_b.stride(0),
+        cos_Br.stride(0), out.stride(0), out.stride(1), ROWS_PER_HEAD=w_kv_b.shape[0] // H, HALF=R // 2,
+        BLOCK_N=triton.next_power_of_2(N), BLOCK_L=block_l, BLOCK_HALF=triton.next_power_of_2(R // 2), num_warps=4,
+    )
+    return out
+
+
 __all__ = [
     "MAX_GEMV_TOKENS",
+    "absorb_query",
     "absorbed_decode_attention",
+    "add_rms_norm",
     "decode_kernels_available",
+    "latent_norm_rope",
     "linear_pair",
+    "moe_combine",
     "noaux_topk",
     "rms_norm",
     "rotate_pairs_",

@@ -24,7 +24,7 @@ from torch import nn
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, StaticLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
@@ -32,9 +32,13 @@ from .checkpoint_layout import MTP_SHARED_COPY_PATTERN, mtp_shared_copies, regis
 from .configuration_deepseek_v3 import DeepseekV3Config, yarn_get_mscale
 from .decode_kernels import (
     MAX_GEMV_TOKENS,
+    absorb_query,
     absorbed_decode_attention,
+    add_rms_norm,
     decode_kernels_available,
+    latent_norm_rope,
     linear_pair,
+    moe_combine,
     noaux_topk,
     rms_norm,
     rotate_pairs_,
@@ -223,6 +227,23 @@ def build_attention_bias(
     return bias_BTS.masked_fill(~allowed_BTS, min_value)[:, None]
 
 
+def _writable_static_layer(cache: Cache | None, layer_idx: int, x: torch.Tensor) -> StaticLayer | None:
+    """The transformers `StaticLayer` of `layer_idx` when the decode kernels may write a step's latent straight into
+    its tensors (what `StaticLayer.update` does with two index copies), else None: an initialized plain static layer
+    in x's dtype and device, of a cache whose `update` is the base one (no offloading, no override)."""
+    layers = getattr(cache, "layers", None)
+    if layers is None or layer_idx >= len(layers) or getattr(cache, "offloading", False):
+        return None
+    if type(cache).update is not Cache.update:
+        return None
+    layer = layers[layer_idx]
+    if type(layer) is not StaticLayer or not layer.is_initialized:
+        return None
+    if layer.keys.dtype != x.dtype or layer.keys.device != x.device or layer.keys.shape[1] != 1:
+        return None
+    return layer
+
+
 def causal_bias(T: int, S: int, dtype: torch.dtype, device) -> torch.Tensor:
     """Additive causal bias [1, 1, T, S] for the last T of S positions (the eager kernels' form of `is_causal`)."""
     return build_attention_bias(None, torch.arange(S - T, S, device=device), S, dtype)
@@ -286,31 +307,21 @@ class DeepseekV3Attention(nn.Module):
         H, N, R, L = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
         cos_BTr, sin_BTr = position_embeddings
         kernels = _use_decode_kernels(self.config, self, hidden_states)
+        if kernels and B * T <= MAX_GEMV_TOKENS and self._can_fuse_latent_kernels(hidden_states):
+            return self._forward_kernels(hidden_states, position_embeddings, attention_bias, past_key_values,
+                                         use_absorbed)
 
         if self.q_lora_rank is None:
             q = self.q_proj(hidden_states)
-            latent_BTk = self.kv_a_proj_with_mqa(hidden_states)
-        elif kernels and B * T <= MAX_GEMV_TOKENS and self._can_fuse_a_projections(hidden_states):
-            # q_a_proj and kv_a_proj_with_mqa read the same input: one pass over both weights.
-            q_a_BTq, latent_BTk = torch.split(
-                linear_pair(hidden_states, self.q_a_proj.weight, self.kv_a_proj_with_mqa.weight),
-                [self.q_lora_rank, L + R], dim=-1,
-            )
-            q = _decode_linear(self.q_b_proj, self.q_a_layernorm(q_a_BTq), kernels)
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
-            latent_BTk = self.kv_a_proj_with_mqa(hidden_states)
+        latent_BTk = self.kv_a_proj_with_mqa(hidden_states)
         q_BHTk = q.view(B, T, H, N + R).transpose(1, 2)
         q_nope_BHTn, q_pe_BHTr = torch.split(q_BHTk, [N, R], dim=-1)
         c_kv_BTl, k_pe_BTr = torch.split(latent_BTk, [L, R], dim=-1)
         c_kv_BTl = self.kv_a_layernorm(c_kv_BTl)
-        if kernels:
-            # In place on the fresh projection outputs (q_pe and k_pe are views into them): one launch.
-            rotate_pairs_(q.view(B * T, H, N + R)[..., N:], k_pe_BTr.view(B * T, R), cos_BTr.reshape(B * T, -1),
-                          sin_BTr.reshape(B * T, -1))
-        else:
-            q_pe_BHTr = apply_rotary_interleaved(q_pe_BHTr, cos_BTr[:, None], sin_BTr[:, None])
-            k_pe_BTr = apply_rotary_interleaved(k_pe_BTr, cos_BTr, sin_BTr)
+        q_pe_BHTr = apply_rotary_interleaved(q_pe_BHTr, cos_BTr[:, None], sin_BTr[:, None])
+        k_pe_BTr = apply_rotary_interleaved(k_pe_BTr, cos_BTr, sin_BTr)
 
         # The cache stores the latent as a single "key head" [B, 1, S, L] and k_pe as a single "value head"
         # [B, 1, S, R]: any transformers Cache (dynamic, static, offloaded) then holds L + R values per token.
@@ -318,17 +329,53 @@ class DeepseekV3Attention(nn.Module):
         if past_key_values is not None:
             c_kv_B1Sl, k_pe_B1Sr = past_key_values.update(c_kv_B1Sl, k_pe_B1Sr, self.layer_idx)
 
-        if use_absorbed and self._can_absorb() and kernels and T == 1 and (
-            attention_bias is None or attention_bias.shape[1] == 1
-        ):
-            attn_BHTv = self._attend_absorbed_one_token(
-                q_nope_BHTn, q_pe_BHTr, c_kv_B1Sl[:, 0], k_pe_B1Sr[:, 0], attention_bias
-            )
-        elif use_absorbed and self._can_absorb():
+        if use_absorbed and self._can_absorb():
             attn_BHTv = self._attend_absorbed(q_nope_BHTn, q_pe_BHTr, c_kv_B1Sl[:, 0], k_pe_B1Sr[:, 0], attention_bias)
         else:
             attn_BHTv = self._attend_naive(q_nope_BHTn, q_pe_BHTr, c_kv_B1Sl[:, 0], k_pe_B1Sr, attention_bias)
         return _decode_linear(self.o_proj, attn_BHTv.transpose(1, 2).reshape(B, T, H * self.v_head_dim), kernels)
+
+    def _forward_kernels(self, hidden_states, position_embeddings, attention_bias, past_key_values, use_absorbed):
+        """`forward` for a few tokens with `decode_kernels` (decode_kernels.py), ~9 launches instead of ~30: q_a_proj
+        and kv_a_proj_with_mqa in one pass over both weights; both latent norms and the RoPE of k_pe in one kernel
+        that writes c_kv and k_pe straight into a static cache's slots; with the absorbed form and one new token,
+        `q_nope @ W_UK` and the RoPE of q_pe in one kernel, and W_UV applied in the attention's combine. Same math
+        as the eager path above, which stays the reference (test_gpu.py holds them equal)."""
+        B, T, _ = hidden_states.shape
+        H, N, R, L = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
+        cos_Tr, sin_Tr = (angle.reshape(B * T, -1) for angle in position_embeddings)
+        projected_BTk = linear_pair(hidden_states, self.q_a_proj.weight, self.kv_a_proj_with_mqa.weight)
+        norms = (self.q_a_layernorm.weight, self.kv_a_layernorm.weight, self.kv_a_layernorm.variance_epsilon)
+        layer = _writable_static_layer(past_key_values, self.layer_idx, hidden_states)
+        if layer is not None:
+            c_kv_BSl, k_pe_BSr = layer.keys[:, 0], layer.values[:, 0]
+            q_a_BTq, _, _ = latent_norm_rope(projected_BTk, *norms, cos_Tr, sin_Tr,
+                                             cache=(c_kv_BSl, k_pe_BSr, layer.cumulative_length))
+            layer.cumulative_length.add_(T)  # what StaticLayer.update does after its copies
+        else:
+            q_a_BTq, c_kv_BTl, k_pe_BTr = latent_norm_rope(projected_BTk, *norms, cos_Tr, sin_Tr)
+            c_kv_B1Sl, k_pe_B1Sr = c_kv_BTl[:, None], k_pe_BTr[:, None]
+            if past_key_values is not None:
+                c_kv_B1Sl, k_pe_B1Sr = past_key_values.update(c_kv_B1Sl, k_pe_B1Sr, self.layer_idx)
+            c_kv_BSl, k_pe_BSr = c_kv_B1Sl[:, 0], k_pe_B1Sr[:, 0]
+        q = _decode_linear(self.q_b_proj, q_a_BTq, True)  # [B, T, H * (N + R)]
+
+        if use_absorbed and self._can_absorb() and T == 1 and (attention_bias is None or attention_bias.shape[1] == 1):
+            w_kv_b = self.kv_b_proj.weight
+            q_HBk = absorb_query(q.view(B, H, N + R), w_kv_b, cos_Tr, sin_Tr, N)  # [q_lat | rotated q_pe]
+            bias_BS = attention_bias[:, 0, 0] if attention_bias is not None else None
+            attn_BTo = absorbed_decode_attention(
+                q_HBk[..., :L], q_HBk[..., L:], c_kv_BSl, k_pe_BSr, bias_BS, self.scaling, w_kv_b, N
+            ).view(B, T, H * self.v_head_dim)
+        else:
+            rotate_pairs_(q.view(B * T, H, N + R)[..., N:], None, cos_Tr, sin_Tr)  # in place
+            q_nope_BHTn, q_pe_BHTr = torch.split(q.view(B, T, H, N + R).transpose(1, 2), [N, R], dim=-1)
+            if use_absorbed and self._can_absorb():
+                attn_BHTv = self._attend_absorbed(q_nope_BHTn, q_pe_BHTr, c_kv_BSl, k_pe_BSr, attention_bias)
+            else:
+                attn_BHTv = self._attend_naive(q_nope_BHTn, q_pe_BHTr, c_kv_BSl, k_pe_BSr[:, None], attention_bias)
+            attn_BTo = attn_BHTv.transpose(1, 2).reshape(B, T, H * self.v_head_dim)
+        return _decode_linear(self.o_proj, attn_BTo, True)
 
     def _can_absorb(self) -> bool:
         """The absorbed form reads `kv_b_proj.weight` as W_UK/W_UV, so it needs a plain nn.Linear with a real weight.
@@ -337,8 +384,18 @@ class DeepseekV3Attention(nn.Module):
         calls kv_b_proj."""
         return type(self.kv_b_proj) is nn.Linear and self.kv_b_proj.weight.device.type != "meta"
 
-    def _can_fuse_a_projections(self, x: torch.Tensor) -> bool:
-        return _plain_weight(self.q_a_proj, x) and _plain_weight(self.kv_a_proj_with_mqa, x)
+    def _can_fuse_latent_kernels(self, x: torch.Tensor) -> bool:
+        """`_forward_kernels` reads the a-projections' and the latent norms' weights directly: plain modules only."""
+        return (
+            self.q_lora_rank is not None
+            and _plain_weight(self.q_a_proj, x)
+            and _plain_weight(self.kv_a_proj_with_mqa, x)
+            and all(
+                type(norm) is DeepseekV3RMSNorm and norm.weight.device == x.device and norm.weight.dtype == x.dtype
+                for norm in (self.q_a_layernorm, self.kv_a_layernorm)
+            )
+            and self.q_a_layernorm.variance_epsilon == self.kv_a_layernorm.variance_epsilon
+        )
 
     def _attend_naive(self, q_nope_BHTn, q_pe_BHTr, c_kv_BSl, k_pe_B1Sr, attention_bias):
         B, H, T, _ = q_nope_BHTn.shape
@@ -377,21 +434,6 @@ class DeepseekV3Attention(nn.Module):
         probs_BHTS = self._softmax(scores_BHTS, attention_bias, dropout, c_kv_BSl.dtype)
         o_lat_BHTl = torch.bmm(probs_BHTS.reshape(B, H * T, -1), c_kv_BSl).view(B, H, T, L)
         return torch.einsum("bhtl,hvl->bhtv", o_lat_BHTl, w_uv_HVL)
-
-    def _attend_absorbed_one_token(self, q_nope_BH1n, q_pe_BH1r, c_kv_BSl, k_pe_BSr, attention_bias):
-        # `_attend_absorbed` for one new token per sequence (decode) with the `decode_kernels` attention: the
-        # heads are the batch of the two per-head products (strided views of q, no copies), scores, float32
-        # softmax and the weighted sum of c_kv run in one split-key kernel and one combine.
-        N, L = self.qk_nope_head_dim, self.kv_lora_rank
-        w_kv_b_HkL = self.kv_b_proj.weight.view(self.num_heads, N + self.v_head_dim, L)
-        q_nope_HBn = q_nope_BH1n[:, :, 0].transpose(0, 1)
-        q_lat_HBl = torch.bmm(q_nope_HBn, w_kv_b_HkL[:, :N])  # q_nope @ W_UK
-        bias_BS = attention_bias[:, 0, 0] if attention_bias is not None else None
-        o_lat_HBl = absorbed_decode_attention(
-            q_lat_HBl, q_pe_BH1r[:, :, 0].transpose(0, 1), c_kv_BSl, k_pe_BSr, bias_BS, self.scaling
-        )
-        o_HBv = torch.bmm(o_lat_HBl, w_kv_b_HkL[:, N:].transpose(1, 2))  # o_lat @ W_UV^T
-        return o_HBv.transpose(0, 1)[:, :, None]
 
     def _softmax(self, scores_BHTS, attention_bias, dropout, dtype):
         # Softmax in float32 (the bias holds the dtype's minimum), probabilities back in the compute dtype.
@@ -630,17 +672,7 @@ class DeepseekV3Experts(nn.Module):
     def forward(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor) -> torch.Tensor:
         """x_TD [T, D], topk_idx_TK [T, K], topk_weight_TK [T, K] float32 -> float32 [T, D], the weighted sum of
         each token's experts (combined in float32)."""
-        implementation = self.config.moe_implementation
-        if implementation == "auto":
-            if topk_idx_TK.numel() <= self.num_experts:  # decode-sized: read only the chosen experts
-                use_triton = triton_moe_available(x_TD) and self.config.hidden_act == "silu"
-                implementation = "triton" if use_triton else "gather"
-            elif _grouped_mm is not None and x_TD.is_cuda and _matmul_dtype(x_TD) == torch.bfloat16:
-                implementation = "grouped_mm"
-            else:
-                implementation = "eager"
-        if implementation == "eager" and x_TD.is_cuda and torch.cuda.is_current_stream_capturing():
-            implementation = "gather"  # the eager loop syncs on the per-expert counts: not capturable
+        implementation = self.implementation(x_TD, topk_idx_TK.numel())
         if implementation == "gather":
             return self._forward_gather(x_TD, topk_idx_TK, topk_weight_TK)
         if implementation == "triton":
@@ -653,6 +685,22 @@ class DeepseekV3Experts(nn.Module):
                 )
             return self._forward_grouped_mm(x_TD, topk_idx_TK, topk_weight_TK)
         return self._forward_eager(x_TD, topk_idx_TK, topk_weight_TK)
+
+    def implementation(self, x_TD: torch.Tensor, n_pairs: int) -> str:
+        """The compute `forward` uses for x_TD's tokens and their `n_pairs` (token, expert) pairs:
+        `config.moe_implementation` with "auto" resolved."""
+        implementation = self.config.moe_implementation
+        if implementation == "auto":
+            if n_pairs <= self.num_experts:  # decode-sized: read only the chosen experts
+                use_triton = triton_moe_available(x_TD) and self.config.hidden_act == "silu"
+                implementation = "triton" if use_triton else "gather"
+            elif _grouped_mm is not None and x_TD.is_cuda and _matmul_dtype(x_TD) == torch.bfloat16:
+                implementation = "grouped_mm"
+            else:
+                implementation = "eager"
+        if implementation == "eager" and x_TD.is_cuda and torch.cuda.is_current_stream_capturing():
+            implementation = "gather"  # the eager loop syncs on the per-expert counts: not capturable
+        return implementation
 
     def _forward_eager(self, x_TD, topk_idx_TK, topk_weight_TK):
         def expert(e, x_nD):
@@ -678,10 +726,14 @@ class DeepseekV3Experts(nn.Module):
         if not triton_moe_available(x_TD) or self.config.hidden_act != "silu":
             raise RuntimeError("moe_implementation='triton' needs a CUDA tensor, triton and hidden_act='silu'")
         T, K = topk_idx_TK.shape
-        flat_expert = topk_idx_TK.reshape(-1)
-        h_PI = expert_gate_up_act(x_TD.contiguous(), self.gate_up_proj, flat_expert, K)
-        y_PD = expert_down(h_PI, self.down_proj, flat_expert)
+        y_PD = self._triton_pairs(x_TD, topk_idx_TK)
         return (y_PD * topk_weight_TK.reshape(-1, 1)).view(T, K, -1).sum(dim=1)
+
+    def _triton_pairs(self, x_TD, topk_idx_TK):
+        # Each (token, slot) pair's expert output, float32 [T * K, D], token-major (the combine is the caller's).
+        flat_expert = topk_idx_TK.reshape(-1)
+        h_PI = expert_gate_up_act(x_TD.contiguous(), self.gate_up_proj, flat_expert, topk_idx_TK.shape[1])
+        return expert_down(h_PI, self.down_proj, flat_expert)
 
     def _forward_grouped_mm(self, x_TD, topk_idx_TK, topk_weight_TK):
         order, token, offsets = sort_by_expert(topk_idx_TK, self.num_experts)
@@ -805,14 +857,36 @@ class DeepseekV3MoE(nn.Module):
         )
 
     def forward(
-        self, hidden_states: torch.Tensor, token_mask_BT: torch.Tensor | None = None
+        self, hidden_states: torch.Tensor, token_mask_BT: torch.Tensor | None = None,
+        residual: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """hidden_states [B, T, D], token_mask_BT [B, T] (1 = real token; padding is routed but not counted in the
-        expert load nor in the balance loss) -> (output [B, T, D], sequence balance loss or None outside
-        training)."""
+        expert load nor in the balance loss), residual [B, T, D] or None (added to the output: the decoder layer's
+        residual stream, summed inside the combine kernel at decode sizes) -> (output [B, T, D], sequence balance
+        loss or None outside training)."""
         B, T, D = hidden_states.shape
         x_TD = hidden_states.reshape(-1, D)
         token_mask_T = token_mask_BT.reshape(-1) if token_mask_BT is not None else None
+        if residual is not None and self._decode_combine(x_TD):
+            # decode_kernels: router (2 launches), routed experts (2), shared experts (2), then the weighted sum,
+            # the shared output and the residual in one combine.
+            topk_idx, topk_weight, _ = self.gate(x_TD, token_mask_T)
+            y_PD = self.experts._triton_pairs(x_TD, topk_idx)
+            shared = self.shared_experts(hidden_states).reshape(-1, D) if self.shared_experts is not None else None
+            return moe_combine(y_PD, topk_weight, shared, residual.reshape(-1, D)).view(B, T, D), None
+        out, aux_loss = self._forward(hidden_states, x_TD, token_mask_BT, token_mask_T)
+        return (out if residual is None else residual + out), aux_loss
+
+    def _decode_combine(self, x_TD: torch.Tensor) -> bool:
+        return (
+            _use_decode_kernels(self.config, self, x_TD)
+            and x_TD.shape[0] <= MAX_GEMV_TOKENS
+            and type(self.experts) is DeepseekV3Experts
+            and self.experts.implementation(x_TD, x_TD.shape[0] * self.gate.top_k) == "triton"
+        )
+
+    def _forward(self, hidden_states, x_TD, token_mask_BT, token_mask_T):
+        B, T, D = hidden_states.shape
         chunk = _inference_chunks(self, B * T)
         if chunk is not None:
             # Tokens are routed independently: chunk by chunk gives each token the same experts and weights.
@@ -839,6 +913,16 @@ class DeepseekV3MoE(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 # Decoder layer and Multi-Token Prediction layer
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def _plain_norm(norm: nn.Module, x: torch.Tensor) -> bool:
+    """A `DeepseekV3RMSNorm` whose weight sits with `x` in its dtype (the fused kernels read it directly)."""
+    return (
+        type(norm) is DeepseekV3RMSNorm
+        and norm.weight.device == x.device
+        and norm.weight.dtype == x.dtype
+        and x.stride(-1) == 1
+    )
 
 
 class DeepseekV3DecoderLayer(GradientCheckpointingLayer):
@@ -868,16 +952,18 @@ class DeepseekV3DecoderLayer(GradientCheckpointingLayer):
         hidden_states = self.self_attn(
             self.input_layernorm(hidden_states), position_embeddings, attention_bias, past_key_values, use_absorbed
         )
-        hidden_states = residual + hidden_states
-        residual = hidden_states
-        if isinstance(self.mlp, DeepseekV3MoE):
-            ffn_out = self.mlp(self.post_attention_layernorm(hidden_states), token_mask)
+        norm = self.post_attention_layernorm
+        if _use_decode_kernels(norm.config, norm, hidden_states) and _plain_norm(norm, hidden_states) and (
+            hidden_states.numel() <= MAX_GEMV_TOKENS * hidden_states.shape[-1]
+        ):
+            # decode_kernels: the residual add and the norm in one pass.
+            residual, normed = add_rms_norm(residual, hidden_states, norm.weight, norm.variance_epsilon)
         else:
-            ffn_out = self.mlp(self.post_attention_layernorm(hidden_states))
-        aux_loss = None
-        if isinstance(ffn_out, tuple):
-            ffn_out, aux_loss = ffn_out
-        return residual + ffn_out, aux_loss
+            residual = residual + hidden_states
+            normed = norm(residual)
+        if isinstance(self.mlp, DeepseekV3MoE):
+            return self.mlp(normed, token_mask, residual=residual)
+        return residual + self.mlp(normed), None
 
 
 class DeepseekV3MTPSharedHead(nn.Module):

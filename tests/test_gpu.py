@@ -205,11 +205,84 @@ def test_decode_kernels_equal_their_eager_references(dtype, tolerance):
     allowed[0, 200:] = False  # unwritten static-cache slots
     allowed[1, :50] = False  # left padding
     bias = torch.zeros(B, 1, 1, S, device="cuda", dtype=dtype).masked_fill(~allowed[:, None, None], torch.finfo(dtype).min)
+    torch.nn.init.normal_(attention.kv_b_proj.weight, std=0.05)
+    w_kv_b = attention.kv_b_proj.weight
+    q = torch.cat([q_nope, q_pe], dim=-1)[:, :, 0]  # [B, H, N + R], as q_b_proj writes it
     with torch.no_grad():
+        # The absorbed query (q_nope @ W_UK, RoPE of q_pe) in one kernel.
+        q_HBk = kernels.absorb_query(q, w_kv_b, cos[:B], sin[:B], 128)
+        w_uk = w_kv_b.view(20, 256, 512)[:, :128]
+        q_lat_reference = torch.einsum("bhn,hnl->hbl", q_nope[:, :, 0].float(), w_uk.float())
+        assert relative_max_diff(q_HBk[..., :512], q_lat_reference) < tolerance
+        q_pe_reference = apply_rotary_interleaved(q_pe[:, :, 0], cos[:B, None], sin[:B, None])
+        assert relative_max_diff(q_HBk[..., 512:], q_pe_reference.transpose(0, 1)) < tolerance
+        # The attention over the latent cache, alone and with W_UV in its combine.
+        rotated = q_pe_reference[:, :, None]  # [B, H, 1, R]
         for attention_bias in (bias, None):
-            fused = attention._attend_absorbed_one_token(q_nope, q_pe, c_kv, k_pe, attention_bias)
-            reference = attention._attend_absorbed(q_nope, q_pe, c_kv, k_pe, attention_bias)
-            assert relative_max_diff(fused, reference) < tolerance
+            bias_BS = attention_bias[:, 0, 0] if attention_bias is not None else None
+            reference = attention._attend_absorbed(q_nope, rotated, c_kv, k_pe, attention_bias)  # [B, H, 1, V]
+            o_lat = kernels.absorbed_decode_attention(q_HBk[..., :512], q_HBk[..., 512:], c_kv, k_pe, bias_BS,
+                                                      attention.scaling)
+            unfused = torch.einsum("hbl,hvl->bhv", o_lat, w_kv_b.view(20, 256, 512)[:, 128:])
+            # Against the reference's chain (einsum, bmm, softmax, bmm, einsum), rounded to bf16 at other points.
+            attention_tolerance = 2 * tolerance
+            assert relative_max_diff(unfused, reference[:, :, 0]) < attention_tolerance
+            fused = kernels.absorbed_decode_attention(q_HBk[..., :512], q_HBk[..., 512:], c_kv, k_pe, bias_BS,
+                                                      attention.scaling, w_kv_b, 128)
+            assert fused.shape == (B, 20 * 128)
+            assert relative_max_diff(fused.view(B, 20, 128), reference[:, :, 0]) < attention_tolerance
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_fused_decode_kernels_equal_the_eager_ops_they_replace(dtype, tolerance):
+    from modeling_deepseek_v3 import decode_kernels as kernels
+    from modeling_deepseek_v3.modeling_deepseek_v3 import DeepseekV3RMSNorm, apply_rotary_interleaved
+
+    torch.manual_seed(0)
+    # Residual add + RMSNorm.
+    norm = DeepseekV3RMSNorm(2048).cuda().to(dtype)
+    torch.nn.init.normal_(norm.weight, 1.0, 0.2)
+    x, delta = torch.randn(3, 1, 2048, device="cuda", dtype=dtype), torch.randn(3, 1, 2048, device="cuda", dtype=dtype)
+    total, normed = kernels.add_rms_norm(x, delta, norm.weight, norm.variance_epsilon)
+    assert torch.equal(total, x + delta)
+    assert relative_max_diff(normed, norm(x + delta)) < tolerance
+
+    # MoE combine: routed sum, shared experts and residual with the eager roundings.
+    T, K, D = 3, 6, 2048
+    y = torch.randn(T * K, D, device="cuda")
+    weight = torch.rand(T, K, device="cuda")
+    shared, residual = torch.randn(T, D, device="cuda", dtype=dtype), torch.randn(T, D, device="cuda", dtype=dtype)
+    routed = (y * weight.reshape(-1, 1)).view(T, K, D).sum(dim=1).to(dtype)
+    assert relative_max_diff(kernels.moe_combine(y, weight, shared, residual), residual + (routed + shared)) < tolerance
+    assert relative_max_diff(kernels.moe_combine(y, weight, None, residual), residual + routed) < tolerance
+
+    # Latent norms + RoPE of k_pe, into fresh tensors and into a static cache's slots.
+    B, T, Q, L, R = 2, 2, 1536, 512, 64
+    projected = torch.randn(B, T, Q + L + R, device="cuda", dtype=dtype)
+    q_norm, kv_norm = DeepseekV3RMSNorm(Q).cuda().to(dtype), DeepseekV3RMSNorm(L).cuda().to(dtype)
+    for n in (q_norm, kv_norm):
+        torch.nn.init.normal_(n.weight, 1.0, 0.2)
+    angles = torch.randn(B * T, R // 2, device="cuda") * 100
+    cos, sin = angles.cos(), angles.sin()
+    q_a, c_kv_new, k_pe_new = projected.split([Q, L, R], dim=-1)
+    q_a_reference, c_kv_reference = q_norm(q_a), kv_norm(c_kv_new)
+    k_pe_reference = apply_rotary_interleaved(k_pe_new, cos.view(B, T, -1), sin.view(B, T, -1))
+    q_out, c_kv, k_pe = kernels.latent_norm_rope(projected, q_norm.weight, kv_norm.weight, 1e-6, cos, sin)
+    assert relative_max_diff(q_out, q_a_reference) < tolerance
+    assert relative_max_diff(c_kv, c_kv_reference) < tolerance
+    assert relative_max_diff(k_pe, k_pe_reference) < tolerance
+    S = 5
+    for length in (0, 2, 4):  # at 4, the second token's slot is past the cache: not written
+        cache_c, cache_k = torch.zeros(B, S, L, device="cuda", dtype=dtype), torch.zeros(B, S, R, device="cuda", dtype=dtype)
+        out, _, _ = kernels.latent_norm_rope(projected, q_norm.weight, kv_norm.weight, 1e-6, cos, sin,
+                                             cache=(cache_c, cache_k, torch.tensor(length, device="cuda")))
+        assert relative_max_diff(out, q_a_reference) < tolerance
+        written = min(T, S - length)
+        assert relative_max_diff(cache_c[:, length : length + written], c_kv_reference[:, :written]) < tolerance
+        assert relative_max_diff(cache_k[:, length : length + written], k_pe_reference[:, :written]) < tolerance
+        untouched = torch.ones(S, dtype=torch.bool)
+        untouched[length : length + written] = False
+        assert not cache_c[:, untouched].any() and not cache_k[:, untouched].any()
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
