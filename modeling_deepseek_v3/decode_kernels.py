@@ -17,7 +17,7 @@ one or two launches, with the same float32 math as the eager reference in `model
 - `rotate_pairs_`: interleaved-pair RoPE of every head of `q_pe` and of `k_pe`, in place, in one launch;
 - `absorbed_decode_attention`: multi-query attention of one new token per sequence over the latent cache
   (scores `q_lat . c_kv + q_pe . k_pe`, float32 softmax, values `c_kv`), split over the keys
-  (flash-decoding) so that a long context spreads over the GPU, then one combine, which can apply W_UV too;
+  (flash-decoding) so that a long context spreads over the GPU, then one combine, and W_UV per head;
 - `latent_norm_rope`: after the fused a-projection, both latent RMSNorms and the RoPE of k_pe in one launch,
   writing c_kv and k_pe straight into a static cache's slots (its device-side length: no host sync);
 - `absorb_query`: `q_nope @ W_UK` per head and the RoPE of q_pe, one launch;
@@ -30,6 +30,9 @@ Shapes: T tokens (rows), D input features, E experts, K experts per token, G exp
 (kv_lora_rank), R rope dims, S cache slots.
 """
 
+import functools
+import os
+
 import torch
 
 try:
@@ -37,13 +40,20 @@ try:
     import triton.language as tl
 except ImportError:  # CPU-only installs
     triton = None
+try:  # programmatic dependent launch (Triton >= 3.5)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:
+    gdc_launch_dependents = gdc_wait = None
 
 # Matrix-vector products re-read the weight per token: beyond a few rows cuBLAS is the better kernel.
 MAX_GEMV_TOKENS = 4
-# Tile of the matrix-vector kernels: 2 rows per program, 512 columns per step, 4 warps. The fastest of rows
-# {2, 4, 8, 16} x columns {128, 256, 512} x warps {4, 8} on one H100 for every decode shape of the V3-Lite preset
-# (q_a + kv_a, router, shared and dense gate/up): many narrow programs keep enough loads in flight.
-GEMV_BLOCK_N, GEMV_BLOCK_D, GEMV_WARPS = 2, 512, 4
+# Tiles (rows per program, columns per step, warps) of the matrix-vector kernels, from a sweep of rows {1, 2, 4, 8}
+# x columns {512 .. 4096} x warps {4, 8} on one H100 at the V3-Lite decode shapes (benchmarks/tune_decode_kernels.py):
+# one or two rows per program and a whole row (up to 2,048 columns) per step, so that a program issues all its
+# weight loads at once. linear_pair: q_a + kv_a 5.2 us, q_b 5.5, o_proj 5.1, router 1.9, shared down 6.6 (against
+# 6.2 / 5.9 / 6.6 / 3.4 / 7.9 with (2, 512, 4)); silu_gate_up (shared experts) 9.7 us against 10.7.
+GEMV_TILE = (1, 2048, 4)
+GATE_UP_TILE = (1, 2048, 8)
 
 
 def decode_kernels_available(x: torch.Tensor) -> bool:
@@ -51,10 +61,35 @@ def decode_kernels_available(x: torch.Tensor) -> bool:
     return triton is not None and x.is_cuda
 
 
+# Programmatic dependent launch (Hopper and later): each kernel lets the next one launch as soon as it starts
+# (`gdc_launch_dependents`), and waits for the previous kernel's results (`gdc_wait`) only where it first reads them,
+# so the next kernel's programs are resident, and the matrix-vector kernels already load their weights, while the
+# previous kernel drains. A decode step is hundreds of small kernels: this hides most of their launch gaps. Every
+# store comes after the wait (the previous kernel may still read memory a later one writes). Off: USE_PDL = False
+# (or DEEPSEEK_V3_PDL=0 in the environment).
+USE_PDL = os.environ.get("DEEPSEEK_V3_PDL", "1") != "0"
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl_supported(device_index: int) -> bool:
+    return gdc_wait is not None and torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def _launch_options(x: torch.Tensor) -> dict:
+    """The `PDL` constexpr and the `launch_pdl` launch option of a kernel launched on x's device."""
+    pdl = USE_PDL and _pdl_supported(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    return {"PDL": pdl, "launch_pdl": pdl}
+
+
 if triton is not None:
 
     @triton.jit
-    def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, C, stride_x, stride_o, eps, BLOCK_C: tl.constexpr):
+    def _rms_norm_kernel(
+        x_ptr, w_ptr, out_ptr, C, stride_x, stride_o, eps, BLOCK_C: tl.constexpr, PDL: tl.constexpr,
+    ):
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK_C)
         mask = cols < C
@@ -70,8 +105,10 @@ if triton is not None:
     def _linear_pair_kernel(
         x_ptr, w1_ptr, w2_ptr, out_ptr, D, N1, N2,
         stride_xt, stride_w1, stride_w2, stride_ot,
-        SIGMOID: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        SIGMOID: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
     ):
+        if PDL:
+            gdc_launch_dependents()
         token = tl.program_id(0).to(tl.int64)
         block = tl.program_id(1)
         blocks1 = tl.cdiv(N1, BLOCK_N)
@@ -90,9 +127,12 @@ if triton is not None:
         for start in range(0, D, BLOCK_D):
             cols = start + tl.arange(0, BLOCK_D)
             col_mask = cols < D
-            x = tl.load(x_ptr + token * stride_xt + cols, mask=col_mask, other=0.0).to(tl.float32)
+            # The weights first: they do not depend on the previous kernel (see USE_PDL).
             w = tl.load(w_ptr + rows[:, None].to(tl.int64) * stride_w + cols[None, :],
                         mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+            if PDL:
+                gdc_wait()
+            x = tl.load(x_ptr + token * stride_xt + cols, mask=col_mask, other=0.0).to(tl.float32)
             acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
         if SIGMOID:
             acc = 1.0 / (1.0 + tl.exp(-acc))
@@ -101,8 +141,10 @@ if triton is not None:
     @triton.jit
     def _silu_gate_up_kernel(
         x_ptr, gate_ptr, up_ptr, out_ptr, D, N, stride_xt, stride_g, stride_u, stride_ot,
-        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
     ):
+        if PDL:
+            gdc_launch_dependents()
         token = tl.program_id(0).to(tl.int64)
         rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_mask = rows < N
@@ -112,9 +154,11 @@ if triton is not None:
             cols = start + tl.arange(0, BLOCK_D)
             col_mask = cols < D
             mask = row_mask[:, None] & col_mask[None, :]
-            x = tl.load(x_ptr + token * stride_xt + cols, mask=col_mask, other=0.0).to(tl.float32)
             gate = tl.load(gate_ptr + rows[:, None].to(tl.int64) * stride_g + cols[None, :], mask=mask, other=0.0)
             up = tl.load(up_ptr + rows[:, None].to(tl.int64) * stride_u + cols[None, :], mask=mask, other=0.0)
+            if PDL:  # the weights are in flight; the input is the previous kernel's output
+                gdc_wait()
+            x = tl.load(x_ptr + token * stride_xt + cols, mask=col_mask, other=0.0).to(tl.float32)
             acc_gate += tl.sum(gate.to(tl.float32) * x[None, :], axis=1)
             acc_up += tl.sum(up.to(tl.float32) * x[None, :], axis=1)
         h = acc_gate / (1.0 + tl.exp(-acc_gate)) * acc_up
@@ -124,8 +168,11 @@ if triton is not None:
     def _noaux_topk_kernel(
         scores_ptr, bias_ptr, idx_ptr, weight_ptr, stride_s, scale,
         G: tl.constexpr, EG: tl.constexpr, TOPK_GROUP: tl.constexpr, K: tl.constexpr, NORMALIZE: tl.constexpr,
-        BLOCK_G: tl.constexpr, BLOCK_EG: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_G: tl.constexpr, BLOCK_EG: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
     ):
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
         token = tl.program_id(0).to(tl.int64)
         group = tl.arange(0, BLOCK_G)
         member = tl.arange(0, BLOCK_EG)
@@ -166,8 +213,11 @@ if triton is not None:
     @triton.jit
     def _rotate_pairs_kernel(
         q_ptr, k_ptr, cos_ptr, sin_ptr, H, stride_qt, stride_qh, stride_kt, stride_ct,
-        HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
+        HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, PDL: tl.constexpr,
     ):
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
         row = tl.program_id(0).to(tl.int64)
         head = tl.program_id(1)
         if head < H:
@@ -193,8 +243,11 @@ if triton is not None:
         stride_cb, stride_cs, stride_kb, stride_ks, stride_bb,
         stride_ab, stride_ah, stride_as, stride_mb, stride_mh,
         HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr,
     ):
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
         b = tl.program_id(0).to(tl.int64)
         head = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         split = tl.program_id(2)
@@ -236,8 +289,11 @@ if triton is not None:
     def _absorbed_attention_combine_kernel(
         acc_ptr, max_ptr, sum_ptr, out_ptr, L, SPLITS,
         stride_ab, stride_ah, stride_as, stride_mb, stride_mh, stride_oh, stride_ob,
-        BLOCK_SPLITS: tl.constexpr, BLOCK_L: tl.constexpr,
+        BLOCK_SPLITS: tl.constexpr, BLOCK_L: tl.constexpr, PDL: tl.constexpr,
     ):
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
         b = tl.program_id(0).to(tl.int64)
         head = tl.program_id(1).to(tl.int64)
         lat = tl.program_id(2) * BLOCK_L + tl.arange(0, BLOCK_L)
@@ -253,7 +309,12 @@ if triton is not None:
         tl.store(out_ptr + head * stride_oh + b * stride_ob + lat, out.to(out_ptr.dtype.element_ty), mask=lat < L)
 
     @triton.jit
-    def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, sum_ptr, out_ptr, C, stride_x, stride_d, eps, BLOCK_C: tl.constexpr):
+    def _add_rms_norm_kernel(
+        x_ptr, d_ptr, w_ptr, sum_ptr, out_ptr, C, stride_x, stride_d, eps, BLOCK_C: tl.constexpr, PDL: tl.constexpr,
+    ):
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK_C)
         mask = cols < C
@@ -272,8 +333,11 @@ if triton is not None:
     @triton.jit
     def _moe_combine_kernel(
         y_ptr, weight_ptr, shared_ptr, residual_ptr, out_ptr, D, stride_y, stride_s, stride_r,
-        K: tl.constexpr, HAS_SHARED: tl.constexpr, BLOCK_D: tl.constexpr,
+        K: tl.constexpr, HAS_SHARED: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
     ):
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
         token = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         mask = cols < D
@@ -294,8 +358,11 @@ if triton is not None:
         proj_ptr, q_norm_ptr, kv_norm_ptr, cos_ptr, sin_ptr, length_ptr, q_out_ptr, c_kv_ptr, k_pe_ptr,
         T, Q, L, S, stride_p, stride_cb, stride_cs, stride_kb, stride_ks, stride_ct, eps,
         HAS_LENGTH: tl.constexpr, HALF: tl.constexpr,
-        BLOCK_Q: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_HALF: tl.constexpr,
+        BLOCK_Q: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_HALF: tl.constexpr, PDL: tl.constexpr,
     ):
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
         row = tl.program_id(0).to(tl.int64)
         src = proj_ptr + row * stride_p
         # (Triton merges the variables of both branches: each branch names its own.)
@@ -338,8 +405,10 @@ if triton is not None:
     def _absorb_query_kernel(
         q_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, N, L, stride_qb, stride_qh, stride_w, stride_c, stride_oh, stride_ob,
         ROWS_PER_HEAD: tl.constexpr, HALF: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_HALF: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_HALF: tl.constexpr, PDL: tl.constexpr,
     ):
+        if PDL:
+            gdc_launch_dependents()
         b = tl.program_id(0).to(tl.int64)
         head = tl.program_id(1).to(tl.int64)
         block = tl.program_id(2)
@@ -349,15 +418,19 @@ if triton is not None:
             # q_lat[l] = sum_n q_nope[n] * W_UK[head, n, l]   (W_UK: the first N rows of the head's kv_b_proj rows)
             n = tl.arange(0, BLOCK_N)
             lat = block * BLOCK_L + tl.arange(0, BLOCK_L)
-            q_nope = tl.load(q_row + n, mask=n < N, other=0.0).to(tl.float32)
             w = tl.load(w_ptr + (head * ROWS_PER_HEAD + n[:, None]) * stride_w + lat[None, :],
                         mask=(n[:, None] < N) & (lat[None, :] < L), other=0.0)
+            if PDL:
+                gdc_wait()
+            q_nope = tl.load(q_row + n, mask=n < N, other=0.0).to(tl.float32)
             q_lat = tl.sum(w.to(tl.float32) * q_nope[:, None], axis=0)
             tl.store(out_row + lat, q_lat.to(out_ptr.dtype.element_ty), mask=lat < L)
         else:
             # The rotated q_pe after q_lat: interleaved pairs, as `apply_rotary_interleaved`.
             i = tl.arange(0, BLOCK_HALF)
             mask = i < HALF
+            if PDL:
+                gdc_wait()
             cos = tl.load(cos_ptr + b * stride_c + i, mask=mask, other=0.0)
             sin = tl.load(sin_ptr + b * stride_c + i, mask=mask, other=0.0)
             x_even = tl.load(q_row + N + 2 * i, mask=mask, other=0.0).to(tl.float32)
@@ -366,33 +439,24 @@ if triton is not None:
             tl.store(out_row + L + 2 * i + 1, (x_even * sin + x_odd * cos).to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _absorbed_attention_combine_uv_kernel(
-        acc_ptr, max_ptr, sum_ptr, w_ptr, out_ptr, L, SPLITS, N, V,
-        stride_ab, stride_ah, stride_as, stride_mb, stride_mh, stride_w, stride_ob,
-        ROWS_PER_HEAD: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_V: tl.constexpr,
+    def _head_values_kernel(
+        o_lat_ptr, w_ptr, out_ptr, L, N, V, stride_oh, stride_ob, stride_w, stride_out,
+        ROWS_PER_HEAD: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_L: tl.constexpr, PDL: tl.constexpr,
     ):
+        if PDL:
+            gdc_launch_dependents()
+        # o[b, head * V + v] = sum_l W_UV[head, v, l] * o_lat[head, b, l]   (W_UV: rows N..N+V of the head's block)
         b = tl.program_id(0).to(tl.int64)
         head = tl.program_id(1).to(tl.int64)
         v = tl.program_id(2) * BLOCK_V + tl.arange(0, BLOCK_V)
-        split = tl.arange(0, BLOCK_SPLITS)
-        stats = b * stride_mb + head * stride_mh
-        split_max = tl.load(max_ptr + stats + split, mask=split < SPLITS, other=-1e30)
-        split_sum = tl.load(sum_ptr + stats + split, mask=split < SPLITS, other=0.0)
-        weight = tl.exp(split_max - tl.max(split_max, axis=0))
-        total = tl.sum(weight * split_sum, axis=0)
-        total = tl.where(total > 0, total, 1.0)
-        out = tl.zeros((BLOCK_V,), dtype=tl.float32)
-        w_rows = w_ptr + (head * ROWS_PER_HEAD + N + v[:, None]) * stride_w
-        for start in range(0, L, BLOCK_L):
-            lat = start + tl.arange(0, BLOCK_L)
-            acc = tl.load(acc_ptr + b * stride_ab + head * stride_ah + split[:, None] * stride_as + lat[None, :],
-                          mask=(split[:, None] < SPLITS) & (lat[None, :] < L), other=0.0)
-            # o_lat, rounded to the activation dtype as the eager combine output is, then o = W_UV o_lat.
-            o_lat = (tl.sum(acc * weight[:, None], axis=0) / total).to(out_ptr.dtype.element_ty).to(tl.float32)
-            w = tl.load(w_rows + lat[None, :], mask=(v[:, None] < V) & (lat[None, :] < L), other=0.0)
-            out += tl.sum(w.to(tl.float32) * o_lat[None, :], axis=1)
-        tl.store(out_ptr + b * stride_ob + head * V + v, out.to(out_ptr.dtype.element_ty), mask=v < V)
-
+        lat = tl.arange(0, BLOCK_L)
+        w = tl.load(w_ptr + (head * ROWS_PER_HEAD + N + v[:, None]) * stride_w + lat[None, :],
+                    mask=(v[:, None] < V) & (lat[None, :] < L), other=0.0)
+        if PDL:
+            gdc_wait()
+        o_lat = tl.load(o_lat_ptr + head * stride_oh + b * stride_ob + lat, mask=lat < L, other=0.0).to(tl.float32)
+        out = tl.sum(w.to(tl.float32) * o_lat[None, :], axis=1)
+        tl.store(out_ptr + b * stride_out + head * V + v, out.to(out_ptr.dtype.element_ty), mask=v < V)
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim of `x` [..., C] (last dim contiguous, any row stride) -> [..., C] contiguous, in
@@ -404,16 +468,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     out = torch.empty(x.shape, dtype=torch.result_type(weight, x), device=x.device)
     block = triton.next_power_of_2(C)
     _rms_norm_kernel[(x_2d.shape[0],)](
-        x_2d, weight, out, C, x_2d.stride(0), C, eps, BLOCK_C=block, num_warps=min(16, max(1, block // 256)),
+        x_2d, weight, out, C, x_2d.stride(0), C, eps, BLOCK_C=block,
+        **_launch_options(x_2d), num_warps=min(16, max(1, block // 256)),
     )
     return out
 
 
 def linear_pair(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor | None, sigmoid: bool = False,
-                out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                out_dtype: torch.dtype | None = None, tile: tuple[int, int, int] | None = None) -> torch.Tensor:
     """`x` [..., D] (at most MAX_GEMV_TOKENS rows), `w1` [N1, D], `w2` [N2, D] or None (then `x @ w1^T` alone) ->
-    `[x @ w1^T | x @ w2^T]` [..., N1 + N2], accumulated in float32 and rounded once to `out_dtype` (default x's dtype); `sigmoid` applies
-    the logistic function in float32 first. Reads each weight once per token."""
+    `[x @ w1^T | x @ w2^T]` [..., N1 + N2], accumulated in float32 and rounded once to `out_dtype` (default x's
+    dtype); `sigmoid` applies the logistic function in float32 first. Reads each weight once per token. `tile`:
+    (rows per program, columns per step, warps), default GEMV_TILE."""
     D = x.shape[-1]
     x_2d = x.reshape(-1, D)
     if x_2d.stride(-1) != 1:
@@ -423,15 +489,18 @@ def linear_pair(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor | None, sigm
     if w1.stride(-1) != 1 or w2.stride(-1) != 1:
         raise ValueError("linear_pair: weights need a contiguous last dim")
     out = torch.empty(*x.shape[:-1], n1 + n2, dtype=out_dtype or x.dtype, device=x.device)
-    grid = (x_2d.shape[0], triton.cdiv(n1, GEMV_BLOCK_N) + triton.cdiv(n2, GEMV_BLOCK_N))
+    block_n, block_d, warps = tile or GEMV_TILE
+    grid = (x_2d.shape[0], triton.cdiv(n1, block_n) + triton.cdiv(n2, block_n))
     _linear_pair_kernel[grid](
         x_2d, w1, w2, out, D, n1, n2, x_2d.stride(0), w1.stride(0), w2.stride(0), n1 + n2,
-        SIGMOID=sigmoid, BLOCK_N=GEMV_BLOCK_N, BLOCK_D=GEMV_BLOCK_D, num_warps=GEMV_WARPS,
+        SIGMOID=sigmoid, BLOCK_N=block_n, BLOCK_D=block_d,
+        **_launch_options(x_2d), num_warps=warps,
     )
     return out
 
 
-def silu_gate_up(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor:
+def silu_gate_up(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
+                 tile: tuple[int, int, int] | None = None) -> torch.Tensor:
     """`silu(x @ w_gate^T) * (x @ w_up^T)` for `x` [..., D] (at most MAX_GEMV_TOKENS rows), `w_gate`/`w_up` [N, D]
     -> [..., N] in x's dtype: both products accumulated in float32 and the activation applied before one rounding
     (the eager MLP rounds gate, up, silu and the product each to x's dtype)."""
@@ -442,9 +511,11 @@ def silu_gate_up(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> t
     if w_gate.stride(-1) != 1 or w_up.stride(-1) != 1:
         raise ValueError("silu_gate_up: weights need a contiguous last dim")
     out = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
-    _silu_gate_up_kernel[(x_2d.shape[0], triton.cdiv(N, GEMV_BLOCK_N))](
+    block_n, block_d, warps = tile or GATE_UP_TILE
+    _silu_gate_up_kernel[(x_2d.shape[0], triton.cdiv(N, block_n))](
         x_2d, w_gate, w_up, out, D, N, x_2d.stride(0), w_gate.stride(0), w_up.stride(0), N,
-        BLOCK_N=GEMV_BLOCK_N, BLOCK_D=GEMV_BLOCK_D, num_warps=GEMV_WARPS,
+        BLOCK_N=block_n, BLOCK_D=block_d,
+        **_launch_options(x_2d), num_warps=warps,
     )
     return out
 
@@ -470,7 +541,8 @@ def noaux_topk(
         scores_TE, bias_E.contiguous(), idx, weight, scores_TE.stride(0), float(scale),
         G=n_group, EG=group_size, TOPK_GROUP=topk_group, K=top_k, NORMALIZE=normalize,
         BLOCK_G=triton.next_power_of_2(n_group), BLOCK_EG=triton.next_power_of_2(group_size),
-        BLOCK_K=triton.next_power_of_2(top_k), num_warps=1 if E <= 128 else 4,
+        BLOCK_K=triton.next_power_of_2(top_k),
+        **_launch_options(scores_TE), num_warps=1 if E <= 128 else 4,
     )
     return idx, weight
 
@@ -489,7 +561,8 @@ def rotate_pairs_(
     k_pe_Tr = q_pe_THr if k_pe_Tr is None else k_pe_Tr
     _rotate_pairs_kernel[(T, heads)](
         q_pe_THr, k_pe_Tr, cos_Tr, sin_Tr, H, q_pe_THr.stride(0), q_pe_THr.stride(1), k_pe_Tr.stride(0), R // 2,
-        HALF=R // 2, BLOCK_HALF=triton.next_power_of_2(R // 2), num_warps=1,
+        HALF=R // 2, BLOCK_HALF=triton.next_power_of_2(R // 2),
+        **_launch_options(q_pe_THr), num_warps=1,
     )
 
 
@@ -504,9 +577,8 @@ def absorbed_decode_attention(
     `softmax(scale * (q_lat . c_kv + q_pe . k_pe) + bias) @ c_kv`, softmax in float32. A row whose keys are all
     masked (-inf) gives zeros.
 
-    With `w_kv_b` (kv_b_proj's weight [H * (N + V), L], N = `nope_dim`) the combine also applies W_UV (rows N..N+V
-    of each head's block): -> o [B, H * V], the heads' values side by side as o_proj reads them (o_lat rounded to
-    q's dtype first, as the unfused path rounds it)."""
+    With `w_kv_b` (kv_b_proj's weight [H * (N + V), L], N = `nope_dim`) a third launch applies W_UV (rows N..N+V of
+    each head's block) to o_lat: -> o [B, H * V], the heads' values side by side as o_proj reads them."""
     H, B, L = q_lat_HBl.shape
     S, R = c_kv_BSl.shape[1], k_pe_BSr.shape[-1]
     block_h, block_s = 16, 32
@@ -539,32 +611,35 @@ def absorbed_decode_attention(
         HAS_BIAS=has_bias, PRECISION="ieee" if fp32_dot else "tf32",
         # tl.dot needs operands of at least 16 along the reduced dimension: pad L and R (masked loads).
         BLOCK_H=block_h, BLOCK_S=block_s, BLOCK_L=max(16, triton.next_power_of_2(L)),
-        BLOCK_R=max(16, triton.next_power_of_2(R)), num_warps=4, num_stages=3,
+        BLOCK_R=max(16, triton.next_power_of_2(R)),
+        **_launch_options(q_lat_HBl), num_warps=4, num_stages=3,
     )
-    if w_kv_b is not None:
-        rows_per_head = w_kv_b.shape[0] // H
-        V = rows_per_head - nope_dim
-        if w_kv_b.stride(-1) != 1 or w_kv_b.shape[1] != L:
-            raise ValueError(f"absorbed_decode_attention: w_kv_b {tuple(w_kv_b.shape)} is not [H * (N + V), {L}]")
-        out = torch.empty(B, H * V, dtype=q_lat_HBl.dtype, device=q_lat_HBl.device)
-        block_v = 32
-        _absorbed_attention_combine_uv_kernel[(B, H, triton.cdiv(V, block_v))](
-            acc, running[0], running[1], w_kv_b, out, L, splits, nope_dim, V,
-            acc.stride(0), acc.stride(1), acc.stride(2), running.stride(1), running.stride(2), w_kv_b.stride(0),
-            out.stride(0), ROWS_PER_HEAD=rows_per_head, BLOCK_SPLITS=triton.next_power_of_2(splits), BLOCK_L=64,
-            BLOCK_V=block_v, num_warps=4,
-        )
-        return out
     out = torch.empty(H, B, L, dtype=q_lat_HBl.dtype, device=q_lat_HBl.device)
     _absorbed_attention_combine_kernel[(B, H, triton.cdiv(L, 64))](
         acc, running[0], running[1], out, L, splits,
         acc.stride(0), acc.stride(1), acc.stride(2), running.stride(1), running.stride(2), out.stride(0),
-        out.stride(1), BLOCK_SPLITS=triton.next_power_of_2(splits), BLOCK_L=64, num_warps=4,
+        out.stride(1), BLOCK_SPLITS=triton.next_power_of_2(splits), BLOCK_L=64,
+        **_launch_options(acc), num_warps=4,
     )
-    return out
+    if w_kv_b is None:
+        return out
+    rows_per_head = w_kv_b.shape[0] // H
+    V = rows_per_head - nope_dim
+    if w_kv_b.stride(-1) != 1 or w_kv_b.shape[1] != L:
+        raise ValueError(f"absorbed_decode_attention: w_kv_b {tuple(w_kv_b.shape)} is not [H * (N + V), {L}]")
+    values = torch.empty(B, H * V, dtype=q_lat_HBl.dtype, device=q_lat_HBl.device)
+    block_v = 8  # one pass over L per program: no loop-carried load latency
+    _head_values_kernel[(B, H, triton.cdiv(V, block_v))](
+        out, w_kv_b, values, L, nope_dim, V, out.stride(0), out.stride(1), w_kv_b.stride(0), values.stride(0),
+        ROWS_PER_HEAD=rows_per_head, BLOCK_V=block_v, BLOCK_L=triton.next_power_of_2(L),
+        **_launch_options(out), num_warps=4,
+    )
+    return values
 
 
-def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rms_norm(
+    x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`s = x + delta` (rounded to x's dtype) and `RMSNorm(s) * weight` in one pass: the residual add before a
     pre-norm, as `residual + out` then `DeepseekV3RMSNorm`. x, delta [..., C] (last dim contiguous, same dtype),
     weight [C] in x's dtype -> (s, normed), both contiguous [..., C]."""
@@ -577,7 +652,7 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps
     block = triton.next_power_of_2(C)
     _add_rms_norm_kernel[(x_2d.shape[0],)](
         x_2d, d_2d, weight, total, normed, C, x_2d.stride(0), d_2d.stride(0), eps, BLOCK_C=block,
-        num_warps=min(16, max(1, block // 256)),
+        **_launch_options(x_2d), num_warps=min(16, max(1, block // 256)),
     )
     return total, normed
 
@@ -599,7 +674,8 @@ def moe_combine(y_PD: torch.Tensor, weight_TK: torch.Tensor, shared_TD: torch.Te
     block = 256
     _moe_combine_kernel[(T, triton.cdiv(D, block))](
         y_PD, weight_TK.contiguous(), shared_arg, residual_TD, out, D, y_PD.stride(0), shared_arg.stride(0),
-        residual_TD.stride(0), K=K, HAS_SHARED=shared_TD is not None, BLOCK_D=block, num_warps=2,
+        residual_TD.stride(0), K=K, HAS_SHARED=shared_TD is not None, BLOCK_D=block,
+        **_launch_options(y_PD), num_warps=2,
     )
     return out
 
@@ -637,7 +713,8 @@ def latent_norm_rope(
         rows, q_norm_weight, kv_norm_weight, cos_Tr, sin_Tr, length, q_out, c_kv, k_pe,
         T, Q, L, S, rows.stride(0), c_kv.stride(0), c_kv.stride(1), k_pe.stride(0), k_pe.stride(1), cos_Tr.stride(0),
         eps, HAS_LENGTH=cache is not None, HALF=R // 2, BLOCK_Q=triton.next_power_of_2(Q),
-        BLOCK_L=triton.next_power_of_2(L), BLOCK_HALF=triton.next_power_of_2(R // 2), num_warps=4,
+        BLOCK_L=triton.next_power_of_2(L), BLOCK_HALF=triton.next_power_of_2(R // 2),
+        **_launch_options(rows), num_warps=4,
     )
     if cache is not None:
         return q_out, None, None
@@ -660,7 +737,8 @@ def absorb_query(q_BHk: torch.Tensor, w_kv_b: torch.Tensor, cos_Br: torch.Tensor
     _absorb_query_kernel[(B, H, triton.cdiv(L, block_l) + 1)](
         q_BHk, w_kv_b, cos_Br, sin_Br, out, N, L, q_BHk.stride(0), q_BHk.stride(1), w_kv_b.stride(0),
         cos_Br.stride(0), out.stride(0), out.stride(1), ROWS_PER_HEAD=w_kv_b.shape[0] // H, HALF=R // 2,
-        BLOCK_N=triton.next_power_of_2(N), BLOCK_L=block_l, BLOCK_HALF=triton.next_power_of_2(R // 2), num_warps=4,
+        BLOCK_N=triton.next_power_of_2(N), BLOCK_L=block_l, BLOCK_HALF=triton.next_power_of_2(R // 2),
+        **_launch_options(q_BHk), num_warps=4,
     )
     return out
 

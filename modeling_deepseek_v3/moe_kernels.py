@@ -14,11 +14,10 @@ decode sizes); `_forward_eager` is the reference they are tested against.
 
 import torch
 
-try:
-    import triton
+from .decode_kernels import _launch_options, gdc_launch_dependents, gdc_wait, triton
+
+if triton is not None:
     import triton.language as tl
-except ImportError:  # CPU-only installs
-    triton = None
 
 
 def triton_moe_available(x: torch.Tensor) -> bool:
@@ -32,8 +31,11 @@ if triton is not None:
     def _gate_up_act_kernel(
         x_ptr, w_ptr, expert_ptr, out_ptr, K, I, D,
         stride_xt, stride_we, stride_wr, stride_op,
-        BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
     ):
+        if PDL:  # see decode_kernels.USE_PDL; the experts to read come from the router's kernel
+            gdc_launch_dependents()
+            gdc_wait()
         pair = tl.program_id(0)
         block = tl.program_id(1)
         token = pair // K
@@ -60,8 +62,11 @@ if triton is not None:
     def _down_kernel(
         h_ptr, w_ptr, expert_ptr, out_ptr, D, I,
         stride_hp, stride_we, stride_wr, stride_op,
-        BLOCK_D: tl.constexpr, BLOCK_I: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_I: tl.constexpr, PDL: tl.constexpr,
     ):
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
         pair = tl.program_id(0)
         block = tl.program_id(1)
         expert = tl.load(expert_ptr + pair).to(tl.int64)
@@ -80,10 +85,10 @@ if triton is not None:
 
 
 # Tiles (rows per program, columns per step, warps) of the two kernels, the fastest of a sweep on one H100 at the
-# V3-Lite decode shapes (`benchmarks/tune_moe_kernels.py`): gate/up 25.7 us a layer (2.69 TB/s) against 32.4 us for
-# (16, 256, 4); down 14.9 us (2.32 TB/s) against 16.8 us.
-GATE_UP_TILE = (8, 512, 2)
-DOWN_TILE = (4, 512, 4)
+# V3-Lite decode shapes (`benchmarks/tune_decode_kernels.py`, K=6 experts of one token): gate/up 24.9 us a layer
+# (2.78 TB/s) against 32.4 us for (16, 256, 4); down 13.8 us (2.50 TB/s) against 16.8 us.
+GATE_UP_TILE = (2, 2048, 2)
+DOWN_TILE = (2, 2048, 8)
 
 
 def expert_gate_up_act(x_TD: torch.Tensor, gate_up_proj: torch.Tensor, flat_expert: torch.Tensor, K: int,
@@ -97,7 +102,7 @@ def expert_gate_up_act(x_TD: torch.Tensor, gate_up_proj: torch.Tensor, flat_expe
     _gate_up_act_kernel[grid](
         x_TD, gate_up_proj, flat_expert, out, K, I, D,
         x_TD.stride(0), gate_up_proj.stride(0), gate_up_proj.stride(1), out.stride(0),
-        BLOCK_I=block_i, BLOCK_D=block_d, num_warps=warps,
+        BLOCK_I=block_i, BLOCK_D=block_d, **_launch_options(x_TD), num_warps=warps,
     )
     return out
 
@@ -113,7 +118,7 @@ def expert_down(h_PI: torch.Tensor, down_proj: torch.Tensor, flat_expert: torch.
     _down_kernel[grid](
         h_PI, down_proj, flat_expert, out, D, I,
         h_PI.stride(0), down_proj.stride(0), down_proj.stride(1), out.stride(0),
-        BLOCK_D=block_d, BLOCK_I=block_i, num_warps=warps,
+        BLOCK_D=block_d, BLOCK_I=block_i, **_launch_options(h_PI), num_warps=warps,
     )
     return out
 
