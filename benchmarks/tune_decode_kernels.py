@@ -1,12 +1,13 @@
 """Tile sweep of the decode matrix-vector kernels at a preset's shapes, batch 1, on one GPU.
 
-Kernels: the routed experts' gate/up and down (moe_kernels.py, K experts of one token), and `linear_pair` /
+Kernels: the routed experts' gate/up and down (moe_kernels.py, K experts of one token), `linear_pair` /
 `silu_gate_up` (decode_kernels.py) at every dense decode shape of the preset: q_a + kv_a, q_b, o_proj, the router,
-the shared experts' gate/up and down. Each case runs once per layer on separate weight tensors (as in the model,
+the shared experts' gate/up and down; and the split-key absorbed attention (split kernel + combine) over a latent
+cache of each `--context` (bytes: the cache read). Each case runs once per layer on separate weight tensors (as in the model,
 so that L2 does not hold them from one call to the next), inside a CUDA graph; reported: microseconds per call and
 the bandwidth achieved on the weight bytes read, against the device-to-device copy bandwidth measured here.
 
-    python benchmarks/tune_decode_kernels.py --preset deepseek-v3-lite [--only moe|gemv]
+    python benchmarks/tune_decode_kernels.py --preset deepseek-v3-lite [--only moe|gemv|attention] [--context 1024 32768]
 """
 
 import argparse
@@ -82,7 +83,8 @@ def sweep(name, run, nbytes, tiles, calls, current):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="deepseek-v3-lite")
-    parser.add_argument("--only", choices=["moe", "gemv"])
+    parser.add_argument("--only", choices=["moe", "gemv", "attention"])
+    parser.add_argument("--context", type=int, nargs="+", default=[1024, 32768])
     parser.add_argument("--json", help="write every configuration's figures here")
     args = parser.parse_args()
     c = json.loads((PRESETS / f"{args.preset}.json").read_text())
@@ -136,6 +138,22 @@ def main():
         results["shared gate/up"] = sweep(
             "shared gate/up", lambda t: [decode_kernels.silu_gate_up(x, gate[i], up[i], t) for i in range(layers)],
             2 * shared * D * 2, tiles, layers, decode_kernels.GATE_UP_TILE)
+    if args.only in (None, "attention"):
+        keys = ("block_s", "warps", "stages", "programs", "max_splits")
+        tiles = list(itertools.product([32, 64], [4, 8], [2, 3, 4], [132, 264, 528], [128, 256]))
+        current = tuple(decode_kernels.ATTENTION_CONFIG[k] for k in keys)
+        q = torch.randn(H, 1, L + R, dtype=torch.bfloat16, device="cuda")
+        for context in args.context:
+            S = context + 1
+            c_kv, k_pe = weights(1, S, L), weights(1, S, R)
+            bias = torch.zeros(1, S, dtype=torch.bfloat16, device="cuda")
+            results[f"attention {context}"] = sweep(
+                f"attention, {context} keys (split + combine)",
+                lambda t: [decode_kernels.absorbed_decode_attention(
+                    q[..., :L], q[..., L:], c_kv[i], k_pe[i], bias, 0.1, config=dict(zip(keys, t)))
+                    for i in range(layers)],
+                S * (L + R) * 2, tiles, layers, current)
+            del c_kv, k_pe
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

@@ -287,13 +287,16 @@ if triton is not None:
 
     @triton.jit
     def _absorbed_attention_combine_kernel(
-        acc_ptr, max_ptr, sum_ptr, out_ptr, L, SPLITS,
+        acc_ptr, max_ptr, sum_ptr, out_ptr, length_ptr, L, SPLITS,
         stride_ab, stride_ah, stride_as, stride_mb, stride_mh, stride_oh, stride_ob,
-        BLOCK_SPLITS: tl.constexpr, BLOCK_L: tl.constexpr, PDL: tl.constexpr,
+        ADVANCE: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_L: tl.constexpr, PDL: tl.constexpr,
     ):
         if PDL:
             gdc_launch_dependents()
             gdc_wait()
+        if ADVANCE:  # the cache's new slot is written (an earlier kernel) and read (the split kernel): advance
+            if (tl.program_id(0) == 0) & (tl.program_id(1) == 0) & (tl.program_id(2) == 0):
+                tl.store(length_ptr, tl.load(length_ptr) + 1)
         b = tl.program_id(0).to(tl.int64)
         head = tl.program_id(1).to(tl.int64)
         lat = tl.program_id(2) * BLOCK_L + tl.arange(0, BLOCK_L)
@@ -566,9 +569,17 @@ def rotate_pairs_(
     )
 
 
+# The split-key attention: keys per block, warps, pipeline stages of the split kernel; programs to aim for (B * head
+# blocks * splits) and the most splits (each writes a float32 partial [H, L] that the combine reads back). From a
+# sweep on one H100 (benchmarks/tune_decode_kernels.py --only attention, V3-Lite, batch 1): 6.4-6.9 us a layer at
+# 1k keys for every setting; at 32k keys 24.7 us with up to 256 splits against 28.3 us with 128.
+ATTENTION_CONFIG = {"block_s": 32, "warps": 4, "stages": 3, "programs": 264, "max_splits": 256}
+
+
 def absorbed_decode_attention(
     q_lat_HBl: torch.Tensor, q_pe_HBr: torch.Tensor, c_kv_BSl: torch.Tensor, k_pe_BSr: torch.Tensor,
     bias_BS: torch.Tensor | None, scale: float, w_kv_b: torch.Tensor | None = None, nope_dim: int = 0,
+    advance_length: torch.Tensor | None = None, config: dict | None = None,
 ) -> torch.Tensor:
     """One query token per sequence over the latent cache (multi-query: every head reads the same keys).
 
@@ -578,15 +589,17 @@ def absorbed_decode_attention(
     masked (-inf) gives zeros.
 
     With `w_kv_b` (kv_b_proj's weight [H * (N + V), L], N = `nope_dim`) a third launch applies W_UV (rows N..N+V of
-    each head's block) to o_lat: -> o [B, H * V], the heads' values side by side as o_proj reads them."""
+    each head's block) to o_lat: -> o [B, H * V], the heads' values side by side as o_proj reads them.
+
+    `advance_length` (a static cache layer's device-side length, 0-dim int64) is advanced by one once the keys are
+    read, inside the combine: what `StaticLayer.update` does after its copies, without a launch of its own."""
     H, B, L = q_lat_HBl.shape
     S, R = c_kv_BSl.shape[1], k_pe_BSr.shape[-1]
-    block_h, block_s = 16, 32
+    config = {**ATTENTION_CONFIG, **(config or {})}
+    block_h, block_s = 16, config["block_s"]
     head_blocks = triton.cdiv(H, block_h)
     key_blocks = triton.cdiv(S, block_s)
-    # Enough programs to cover the GPU (B * head blocks * splits >= ~2 per SM), at most 128 splits: each split
-    # writes a float32 partial [H, L] that the combine reads back. (Measured on one H100 at 1k and 32k keys.)
-    splits = max(1, min(key_blocks, 128, triton.cdiv(264, B * head_blocks)))
+    splits = max(1, min(key_blocks, config["max_splits"], triton.cdiv(config["programs"], B * head_blocks)))
     blocks_per_split = triton.cdiv(key_blocks, splits)
     splits = triton.cdiv(key_blocks, blocks_per_split)
     acc = torch.empty(B, H, splits, L, dtype=torch.float32, device=q_lat_HBl.device)
@@ -612,13 +625,15 @@ def absorbed_decode_attention(
         # tl.dot needs operands of at least 16 along the reduced dimension: pad L and R (masked loads).
         BLOCK_H=block_h, BLOCK_S=block_s, BLOCK_L=max(16, triton.next_power_of_2(L)),
         BLOCK_R=max(16, triton.next_power_of_2(R)),
-        **_launch_options(q_lat_HBl), num_warps=4, num_stages=3,
+        **_launch_options(q_lat_HBl), num_warps=config["warps"], num_stages=config["stages"],
     )
     out = torch.empty(H, B, L, dtype=q_lat_HBl.dtype, device=q_lat_HBl.device)
-    _absorbed_attention_combine_kernel[(B, H, triton.cdiv(L, 64))](
-        acc, running[0], running[1], out, L, splits,
+    block_splits = triton.next_power_of_2(splits)
+    block_l = max(16, min(64, 8192 // block_splits))  # at most 8K float32 partials per program
+    _absorbed_attention_combine_kernel[(B, H, triton.cdiv(L, block_l))](
+        acc, running[0], running[1], out, advance_length if advance_length is not None else running, L, splits,
         acc.stride(0), acc.stride(1), acc.stride(2), running.stride(1), running.stride(2), out.stride(0),
-        out.stride(1), BLOCK_SPLITS=triton.next_power_of_2(splits), BLOCK_L=64,
+        out.stride(1), ADVANCE=advance_length is not None, BLOCK_SPLITS=block_splits, BLOCK_L=block_l,
         **_launch_options(acc), num_warps=4,
     )
     if w_kv_b is None:

@@ -347,11 +347,15 @@ class DeepseekV3Attention(nn.Module):
         projected_BTk = linear_pair(hidden_states, self.q_a_proj.weight, self.kv_a_proj_with_mqa.weight)
         norms = (self.q_a_layernorm.weight, self.kv_a_layernorm.weight, self.kv_a_layernorm.variance_epsilon)
         layer = _writable_static_layer(past_key_values, self.layer_idx, hidden_states)
+        absorbed = use_absorbed and self._can_absorb() and T == 1 and (
+            attention_bias is None or attention_bias.shape[1] == 1
+        )
         if layer is not None:
             c_kv_BSl, k_pe_BSr = layer.keys[:, 0], layer.values[:, 0]
             q_a_BTq, _, _ = latent_norm_rope(projected_BTk, *norms, cos_Tr, sin_Tr,
                                              cache=(c_kv_BSl, k_pe_BSr, layer.cumulative_length))
-            layer.cumulative_length.add_(T)  # what StaticLayer.update does after its copies
+            if not absorbed:  # (the absorbed attention's combine advances it, saving a launch)
+                layer.cumulative_length.add_(T)  # what StaticLayer.update does after its copies
         else:
             q_a_BTq, c_kv_BTl, k_pe_BTr = latent_norm_rope(projected_BTk, *norms, cos_Tr, sin_Tr)
             c_kv_B1Sl, k_pe_B1Sr = c_kv_BTl[:, None], k_pe_BTr[:, None]
@@ -360,12 +364,13 @@ class DeepseekV3Attention(nn.Module):
             c_kv_BSl, k_pe_BSr = c_kv_B1Sl[:, 0], k_pe_B1Sr[:, 0]
         q = _decode_linear(self.q_b_proj, q_a_BTq, True)  # [B, T, H * (N + R)]
 
-        if use_absorbed and self._can_absorb() and T == 1 and (attention_bias is None or attention_bias.shape[1] == 1):
+        if absorbed:
             w_kv_b = self.kv_b_proj.weight
             q_HBk = absorb_query(q.view(B, H, N + R), w_kv_b, cos_Tr, sin_Tr, N)  # [q_lat | rotated q_pe]
             bias_BS = attention_bias[:, 0, 0] if attention_bias is not None else None
             attn_BTo = absorbed_decode_attention(
-                q_HBk[..., :L], q_HBk[..., L:], c_kv_BSl, k_pe_BSr, bias_BS, self.scaling, w_kv_b, N
+                q_HBk[..., :L], q_HBk[..., L:], c_kv_BSl, k_pe_BSr, bias_BS, self.scaling, w_kv_b, N,
+                advance_length=layer.cumulative_length if layer is not None else None,
             ).view(B, T, H * self.v_head_dim)
         else:
             rotate_pairs_(q.view(B * T, H, N + R)[..., N:], None, cos_Tr, sin_Tr)  # in place
