@@ -6,6 +6,7 @@ and True, measures:
 - ms per token of a greedy decode loop on a static cache after a prefill of C tokens (the steps replay the
   captured CUDA graph), for each `--context`;
 - kernels per decode step: CUDA kernels (and copies) of one eager static-cache step, from torch.profiler;
+- peak GPU memory of the prefill + decode of each context beyond the weights and the latent cache;
 - greedy `generate()` with a static cache: ms per token (difference of two lengths) and the first call's wall
   time (warm-up: Triton compilation and the graph capture);
 - how many greedy tokens agree with the eager static-cache run before the first difference, with the kernels and
@@ -33,8 +34,10 @@ PRESETS = Path(__file__).resolve().parent.parent / "configuration"
 
 
 @torch.no_grad()
-def decode_ms(model, context, steps: int, repeats: int) -> float:
-    """Median ms/token of `steps` greedy steps after a prefill of `context` [1, C], static cache (graph replay)."""
+def decode_ms(model, context, steps: int, repeats: int) -> tuple[float, float]:
+    """Median ms/token of `steps` greedy steps after a prefill of `context` [1, C], static cache (graph replay),
+    and the peak GPU memory of the first prefill + decode beyond what was allocated before it (the weights) and
+    the latent cache, in GiB."""
     cache = StaticCache(config=model.config, max_cache_len=context.shape[1] + steps + 1)
 
     def run():
@@ -49,8 +52,13 @@ def decode_ms(model, context, steps: int, repeats: int) -> float:
         torch.cuda.synchronize()
         return (time.perf_counter() - start) / steps * 1e3
 
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
     run()
-    return statistics.median(run() for _ in range(repeats))
+    cache_bytes = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    peak_extra = (torch.cuda.max_memory_allocated() - base - cache_bytes) / 2**30
+    return statistics.median(run() for _ in range(repeats)), peak_extra
 
 
 @torch.no_grad()
@@ -113,7 +121,7 @@ def main():
         long, short = timed(generate(args.decode_steps + 1), args.repeats), timed(generate(1), args.repeats)
         row["generate_ms_per_token"] = (long - short) / args.decode_steps * 1e3
         for c, context in contexts.items():
-            row[f"decode_c{c}_ms"] = decode_ms(model, context, args.decode_steps, args.repeats)
+            row[f"decode_c{c}_ms"], row[f"peak_extra_c{c}_gib"] = decode_ms(model, context, args.decode_steps, args.repeats)
         row["kernels_per_step"] = kernels_per_step(model, prompt)
 
     print(f"\n{torch.cuda.get_device_name()}; torch {torch.__version__}; preset {args.preset} "
@@ -123,7 +131,7 @@ def main():
         ("generate_ms_per_token", f"generate() ctx {args.context[0]}, ms/tok"),
         ("generate_first_call_s", "generate() first call (warm-up), s"),
         ("kernels_per_step", "CUDA kernels per eager decode step"),
-    ]:
+    ] + [(f"peak_extra_c{c}_gib", f"peak GiB beyond weights + cache, ctx {c}") for c in args.context]:
         off, on = rows[False][key], rows[True][key]
         print(f"{label:<44} {off:10.2f} {on:10.2f} {off / on:6.2f}x")
     config.decode_kernels = False

@@ -329,27 +329,52 @@ class DeepseekV3Attention(nn.Module):
         if past_key_values is not None:
             c_kv_B1Sl, k_pe_B1Sr = past_key_values.update(c_kv_B1Sl, k_pe_B1Sr, self.layer_idx)
 
+        if kernels and self._absorbs_one_token(use_absorbed, T, attention_bias):
+            # decode_kernels at batch sizes past the matrix-vector kernels: the one-token attention still applies.
+            attn_BTo = self._attend_one_token_kernels(
+                q, cos_BTr.reshape(B, -1), sin_BTr.reshape(B, -1), c_kv_B1Sl[:, 0], k_pe_B1Sr[:, 0], attention_bias
+            )
+            return _decode_linear(self.o_proj, attn_BTo, kernels)
         if use_absorbed and self._can_absorb():
             attn_BHTv = self._attend_absorbed(q_nope_BHTn, q_pe_BHTr, c_kv_B1Sl[:, 0], k_pe_B1Sr[:, 0], attention_bias)
         else:
             attn_BHTv = self._attend_naive(q_nope_BHTn, q_pe_BHTr, c_kv_B1Sl[:, 0], k_pe_B1Sr, attention_bias)
         return _decode_linear(self.o_proj, attn_BHTv.transpose(1, 2).reshape(B, T, H * self.v_head_dim), kernels)
 
+    def _absorbs_one_token(self, use_absorbed: bool, T: int, attention_bias: torch.Tensor | None) -> bool:
+        """The decode_kernels one-token attention applies: absorbed form, one new token, a per-sequence bias."""
+        return (
+            use_absorbed and self._can_absorb() and T == 1
+            and (attention_bias is None or attention_bias.shape[1] == 1)
+        )
+
+    def _attend_one_token_kernels(self, q, cos_Br, sin_Br, c_kv_BSl, k_pe_BSr, attention_bias, advance_length=None):
+        """q [B, 1, H * (N + R)] (q_b_proj's output, q_pe not yet rotated), angles [B, R/2] -> [B, 1, H * V]: the
+        absorbed query (`q_nope @ W_UK`, RoPE of q_pe) in one launch, attention over the latent cache (split +
+        combine) and W_UV in one more. `advance_length`: see `absorbed_decode_attention`."""
+        B = q.shape[0]
+        H, N, R, L = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
+        w_kv_b = self.kv_b_proj.weight
+        q_HBk = absorb_query(q.view(B, H, N + R), w_kv_b, cos_Br, sin_Br, N)  # [q_lat | rotated q_pe]
+        bias_BS = attention_bias[:, 0, 0] if attention_bias is not None else None
+        return absorbed_decode_attention(
+            q_HBk[..., :L], q_HBk[..., L:], c_kv_BSl, k_pe_BSr, bias_BS, self.scaling, w_kv_b, N,
+            advance_length=advance_length,
+        ).view(B, 1, H * self.v_head_dim)
+
     def _forward_kernels(self, hidden_states, position_embeddings, attention_bias, past_key_values, use_absorbed):
         """`forward` for a few tokens with `decode_kernels` (decode_kernels.py), ~9 launches instead of ~30: q_a_proj
         and kv_a_proj_with_mqa in one pass over both weights; both latent norms and the RoPE of k_pe in one kernel
         that writes c_kv and k_pe straight into a static cache's slots; with the absorbed form and one new token,
-        `q_nope @ W_UK` and the RoPE of q_pe in one kernel, and W_UV applied in the attention's combine. Same math
-        as the eager path above, which stays the reference (test_gpu.py holds them equal)."""
+        `_attend_one_token_kernels`. Same math as the eager path above, which stays the reference (test_gpu.py
+        holds them equal)."""
         B, T, _ = hidden_states.shape
-        H, N, R, L = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
+        H, N, R = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim
         cos_Tr, sin_Tr = (angle.reshape(B * T, -1) for angle in position_embeddings)
         projected_BTk = linear_pair(hidden_states, self.q_a_proj.weight, self.kv_a_proj_with_mqa.weight)
         norms = (self.q_a_layernorm.weight, self.kv_a_layernorm.weight, self.kv_a_layernorm.variance_epsilon)
         layer = _writable_static_layer(past_key_values, self.layer_idx, hidden_states)
-        absorbed = use_absorbed and self._can_absorb() and T == 1 and (
-            attention_bias is None or attention_bias.shape[1] == 1
-        )
+        absorbed = self._absorbs_one_token(use_absorbed, T, attention_bias)
         if layer is not None:
             c_kv_BSl, k_pe_BSr = layer.keys[:, 0], layer.values[:, 0]
             q_a_BTq, _, _ = latent_norm_rope(projected_BTk, *norms, cos_Tr, sin_Tr,
@@ -365,13 +390,10 @@ class DeepseekV3Attention(nn.Module):
         q = _decode_linear(self.q_b_proj, q_a_BTq, True)  # [B, T, H * (N + R)]
 
         if absorbed:
-            w_kv_b = self.kv_b_proj.weight
-            q_HBk = absorb_query(q.view(B, H, N + R), w_kv_b, cos_Tr, sin_Tr, N)  # [q_lat | rotated q_pe]
-            bias_BS = attention_bias[:, 0, 0] if attention_bias is not None else None
-            attn_BTo = absorbed_decode_attention(
-                q_HBk[..., :L], q_HBk[..., L:], c_kv_BSl, k_pe_BSr, bias_BS, self.scaling, w_kv_b, N,
+            attn_BTo = self._attend_one_token_kernels(
+                q, cos_Tr, sin_Tr, c_kv_BSl, k_pe_BSr, attention_bias,
                 advance_length=layer.cumulative_length if layer is not None else None,
-            ).view(B, T, H * self.v_head_dim)
+            )
         else:
             rotate_pairs_(q.view(B * T, H, N + R)[..., N:], None, cos_Tr, sin_Tr)  # in place
             q_nope_BHTn, q_pe_BHTr = torch.split(q.view(B, T, H, N + R).transpose(1, 2), [N, R], dim=-1)
@@ -768,20 +790,22 @@ class _WeightedCombine(torch.autograd.Function):
 
     The same as `zeros(T, D).index_add_(0, token_P, y_PD.float() * w_P[:, None])`, but autograd would keep the
     float32 copy of `y` for the weight's gradient (4 bytes per routed element: 2 GB at 4k tokens in 8 V3-Lite
-    layers); this keeps `y` in its own dtype and upcasts again in backward."""
+    layers); this keeps `y` in its own dtype and upcasts again in backward. The products multiply `y` by a
+    float32 operand, so type promotion computes them in float32 without a float32 copy of `y` (400 MB per 8k-token
+    inference chunk of V3-Lite)."""
 
     @staticmethod
     def forward(ctx, y_PD, w_P, token_P, T):
         ctx.save_for_backward(y_PD, w_P, token_P)
         out_TD = torch.zeros(T, y_PD.shape[-1], dtype=torch.float32, device=y_PD.device)
-        return out_TD.index_add_(0, token_P, y_PD.float() * w_P[:, None])
+        return out_TD.index_add_(0, token_P, y_PD * w_P.float()[:, None])
 
     @staticmethod
     def backward(ctx, grad_TD):
         y_PD, w_P, token_P = ctx.saved_tensors
-        grad_PD = grad_TD[token_P]
-        grad_y = (grad_PD * w_P[:, None]).to(y_PD.dtype) if ctx.needs_input_grad[0] else None
-        grad_w = (grad_PD * y_PD.float()).sum(dim=-1).to(w_P.dtype) if ctx.needs_input_grad[1] else None
+        grad_PD = grad_TD.float()[token_P]
+        grad_y = (grad_PD * w_P.float()[:, None]).to(y_PD.dtype) if ctx.needs_input_grad[0] else None
+        grad_w = (grad_PD * y_PD).sum(dim=-1).to(w_P.dtype) if ctx.needs_input_grad[1] else None
         return grad_y, grad_w, None, None
 
 

@@ -285,12 +285,15 @@ def test_fused_decode_kernels_equal_the_eager_ops_they_replace(dtype, tolerance)
         assert not cache_c[:, untouched].any() and not cache_k[:, untouched].any()
 
 
+# Batch 2: the fused path (matrix-vector kernels, latent written into the cache); batch 6: past MAX_GEMV_TOKENS,
+# cuBLAS projections and the one-token attention kernels.
+@pytest.mark.parametrize("batch", [2, 6])
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
-def test_decode_kernels_decode_equals_eager_decode(dtype, tolerance):
+def test_decode_kernels_decode_equals_eager_decode(dtype, tolerance, batch):
     from transformers import StaticCache
 
     model = random_model(tiny_config(), seed=7).cuda().to(dtype)
-    ids = torch.randint(2, 512, (2, 20), device="cuda")
+    ids = torch.randint(2, 512, (batch, 20), device="cuda")
     with torch.no_grad():
         model.config.decode_kernels = True
         fast = teacher_forced_logits(model, ids, StaticCache(config=model.config, max_cache_len=32))
