@@ -227,6 +227,15 @@ def build_attention_bias(
     return bias_BTS.masked_fill(~allowed_BTS, min_value)[:, None]
 
 
+def _attended_keys(attention_bias: torch.Tensor | None, T: int) -> int | None:
+    """How many cache slots the attention reads: a prompt's bias covers only the written slots of a static cache
+    (`DeepseekV3Model.forward`), "causal only" (no bias, T > 1) means a prompt written from slot 0, so T; None
+    for all (a decode step keeps the static cache's full, fixed length: graph-capturable)."""
+    if attention_bias is not None:
+        return attention_bias.shape[-1]
+    return T if T > 1 else None
+
+
 def _writable_static_layer(cache: Cache | None, layer_idx: int, x: torch.Tensor) -> StaticLayer | None:
     """The transformers `StaticLayer` of `layer_idx` when the decode kernels may write a step's latent straight into
     its tensors (what `StaticLayer.update` does with two index copies), else None: an initialized plain static layer
@@ -328,6 +337,9 @@ class DeepseekV3Attention(nn.Module):
         c_kv_B1Sl, k_pe_B1Sr = c_kv_BTl[:, None], k_pe_BTr[:, None]
         if past_key_values is not None:
             c_kv_B1Sl, k_pe_B1Sr = past_key_values.update(c_kv_B1Sl, k_pe_B1Sr, self.layer_idx)
+        keys = _attended_keys(attention_bias, T)
+        if keys is not None and keys < c_kv_B1Sl.shape[2]:
+            c_kv_B1Sl, k_pe_B1Sr = c_kv_B1Sl[:, :, :keys], k_pe_B1Sr[:, :, :keys]
 
         if kernels and self._absorbs_one_token(use_absorbed, T, attention_bias):
             # decode_kernels at batch sizes past the matrix-vector kernels: the one-token attention still applies.
@@ -387,6 +399,9 @@ class DeepseekV3Attention(nn.Module):
             if past_key_values is not None:
                 c_kv_B1Sl, k_pe_B1Sr = past_key_values.update(c_kv_B1Sl, k_pe_B1Sr, self.layer_idx)
             c_kv_BSl, k_pe_BSr = c_kv_B1Sl[:, 0], k_pe_B1Sr[:, 0]
+        keys = _attended_keys(attention_bias, T)
+        if keys is not None and keys < c_kv_BSl.shape[1]:
+            c_kv_BSl, k_pe_BSr = c_kv_BSl[:, :keys], k_pe_BSr[:, :keys]
         q = _decode_linear(self.q_b_proj, q_a_BTq, True)  # [B, T, H * (N + R)]
 
         if absorbed:
@@ -1333,16 +1348,21 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         # A static cache reports its length as a device tensor: everything below stays on the device (no host
         # sync), so the decode step can be captured in a CUDA graph.
         past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if T > 1 and torch.is_tensor(past_seen):
+            past_seen = int(past_seen)  # a prompt on a static cache: one host sync (decode steps keep the tensor)
         cache_position = torch.arange(T, device=inputs_embeds.device) + past_seen
         kv_length = past_key_values.get_mask_sizes(T, 0)[0] if past_key_values is not None else T
+        if T > 1:
+            kv_length = min(kv_length, past_seen + T)  # a prompt attends only to the written slots of a static cache
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask, cache_position, B)
         # A static cache reports its length as a tensor (no host sync) and is longer than the tokens seen.
         keys_are_exact = isinstance(past_seen, int) and kv_length == past_seen + T
         # A prompt with no past and no padding needs only causality: no [T, S] bias is built (O(T^2) memory at
-        # long context), and SDPA runs its causal kernels. One host sync per prompt (`.all()`), none in decode.
+        # long context), SDPA runs its causal kernels, and the attention reads only the first T keys of a static
+        # cache (the rest are unwritten). One host sync per prompt (`.all()`), none in decode.
         causal_only = (
-            T > 1 and keys_are_exact and past_seen == 0
+            T > 1 and past_seen == 0
             and (attention_mask is None or (attention_mask.dim() == 2 and bool(attention_mask.all())))
         )
         attention_bias = None if causal_only else build_attention_bias(

@@ -139,3 +139,32 @@ def test_prompt_without_padding_uses_causal_only_attention_equal_to_an_explicit_
         explicit = model(ids, attention_mask=mask).logits
     assert torch.equal(causal_only, same_with_ones)
     assert relative_max_diff(explicit[0], causal_only[0]) < 1e-5
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_static_cache_prompt_attends_only_to_the_written_slots(attn_implementation):
+    """A prompt on a long static cache builds no bias over its unwritten slots (O(T * max_cache_len) memory) and
+    gives the dynamic cache's logits, with and without left padding; decoding on after it still matches."""
+    from _helpers import LargestAllocation
+    from transformers import StaticCache
+
+    model = random_model(tiny_config(), seed=21)
+    model.config._attn_implementation = attn_implementation
+    T, S = 256, 8192
+    ids = torch.randint(2, 512, (1, T))
+    for mask in (torch.ones_like(ids), torch.cat([torch.zeros(1, 7, dtype=torch.long), torch.ones(1, T - 7, dtype=torch.long)], 1)):
+        cache = StaticCache(config=model.config, max_cache_len=S)
+        with torch.no_grad(), LargestAllocation() as allocation:
+            static = model(ids, attention_mask=mask, past_key_values=cache).logits
+        # The cache's latent tensor is S * 32 * 4 bytes (1 MB); a [T, S] bias, or even a boolean [T, S] mask, is 2 MB.
+        assert allocation.nbytes < T * S
+        with torch.no_grad():
+            dynamic_cache = DynamicCache(config=model.config)
+            dynamic = model(ids, attention_mask=mask, past_key_values=dynamic_cache).logits
+            real = mask.bool()
+            assert relative_max_diff(static[real], dynamic[real]) < 1e-5
+            step_mask = torch.cat([mask, torch.ones(1, 1, dtype=torch.long)], 1)
+            token = dynamic[:, -1:].argmax(-1)
+            next_static = model(token, attention_mask=step_mask, past_key_values=cache).logits
+            next_dynamic = model(token, attention_mask=step_mask, past_key_values=dynamic_cache).logits
+        assert relative_max_diff(next_static, next_dynamic) < 1e-5
