@@ -998,7 +998,7 @@ class DeepseekV3DecoderLayer(GradientCheckpointingLayer):
         )
         norm = self.post_attention_layernorm
         if _use_decode_kernels(norm.config, norm, hidden_states) and _plain_norm(norm, hidden_states) and (
-            hidden_states.numel() <= MAX_GEMV_TOKENS * hidden_states.shape[-1]
+            hidden_states.numel() <= MAX_GEMV_TOKENS * hidden_states.shape[-1] and residual.stride(-1) == 1
         ):
             # decode_kernels: the residual add and the norm in one pass.
             residual, normed = add_rms_norm(residual, hidden_states, norm.weight, norm.variance_epsilon)
