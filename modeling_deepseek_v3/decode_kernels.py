@@ -84,6 +84,24 @@ def _launch_options(x: torch.Tensor) -> dict:
 if triton is not None:
 
     @triton.jit
+    def _rms_norm_row(x, w_ptr, cols, mask, C, eps, dtype: tl.constexpr):
+        # RMSNorm of one row as `DeepseekV3RMSNorm`: x in float32 (zeros past C), float32 statistics, the normalized
+        # row rounded to the input dtype `dtype`, then times the weight in float32. Returns float32.
+        h = (x * tl.rsqrt(tl.sum(x * x, axis=0) / C + eps)).to(dtype)
+        return h.to(tl.float32) * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _rotate_pairs_row(src, dst, cos_row, sin_row, i, mask):
+        # RoPE of the interleaved pairs (x[2i], x[2i+1]) read at `src`, written at `dst` (may be `src`) in its dtype,
+        # by the float32 angles at cos_row/sin_row [i]: as `apply_rotary_interleaved`.
+        cos = tl.load(cos_row + i, mask=mask, other=0.0)
+        sin = tl.load(sin_row + i, mask=mask, other=0.0)
+        x_even = tl.load(src + 2 * i, mask=mask, other=0.0).to(tl.float32)
+        x_odd = tl.load(src + 2 * i + 1, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dst + 2 * i, (x_even * cos - x_odd * sin).to(dst.dtype.element_ty), mask=mask)
+        tl.store(dst + 2 * i + 1, (x_even * sin + x_odd * cos).to(dst.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _rms_norm_kernel(
         x_ptr, w_ptr, out_ptr, C, stride_x, stride_o, eps, BLOCK_C: tl.constexpr, PDL: tl.constexpr,
     ):
@@ -94,11 +112,7 @@ if triton is not None:
         cols = tl.arange(0, BLOCK_C)
         mask = cols < C
         x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-        variance = tl.sum(x * x, axis=0) / C
-        # As the reference: normalized in float32, rounded to the input dtype, then times the weight.
-        h = (x * tl.rsqrt(variance + eps)).to(x_ptr.dtype.element_ty)
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-        y = h.to(tl.float32) * w.to(tl.float32)
+        y = _rms_norm_row(x, w_ptr, cols, mask, C, eps, x_ptr.dtype.element_ty)
         tl.store(out_ptr + row * stride_o + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
@@ -225,15 +239,7 @@ if triton is not None:
         else:
             base = k_ptr + row * stride_kt
         i = tl.arange(0, BLOCK_HALF)
-        mask = i < HALF
-        cos = tl.load(cos_ptr + row * stride_ct + i, mask=mask, other=0.0)
-        sin = tl.load(sin_ptr + row * stride_ct + i, mask=mask, other=0.0)
-        x_even = tl.load(base + 2 * i, mask=mask, other=0.0).to(tl.float32)
-        x_odd = tl.load(base + 2 * i + 1, mask=mask, other=0.0).to(tl.float32)
-        even = x_even * cos - x_odd * sin
-        odd = x_even * sin + x_odd * cos
-        tl.store(base + 2 * i, even.to(base.dtype.element_ty), mask=mask)
-        tl.store(base + 2 * i + 1, odd.to(base.dtype.element_ty), mask=mask)
+        _rotate_pairs_row(base, base, cos_ptr + row * stride_ct, sin_ptr + row * stride_ct, i, i < HALF)
 
     @triton.jit
     def _absorbed_attention_split_kernel(
@@ -326,12 +332,8 @@ if triton is not None:
         # The residual sum rounded to the activation dtype (as `residual + hidden_states`), then normalized.
         s = (x + d).to(sum_ptr.dtype.element_ty)
         tl.store(sum_ptr + row * C + cols, s, mask=mask)
-        s = s.to(tl.float32)
-        variance = tl.sum(s * s, axis=0) / C
-        h = (s * tl.rsqrt(variance + eps)).to(sum_ptr.dtype.element_ty)
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-        tl.store(out_ptr + row * C + cols, (h.to(tl.float32) * w.to(tl.float32)).to(out_ptr.dtype.element_ty),
-                 mask=mask)
+        y = _rms_norm_row(s.to(tl.float32), w_ptr, cols, mask, C, eps, sum_ptr.dtype.element_ty)
+        tl.store(out_ptr + row * C + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _moe_combine_kernel(
@@ -374,10 +376,8 @@ if triton is not None:
             q_cols = tl.arange(0, BLOCK_Q)
             q_mask = q_cols < Q
             q_a = tl.load(src + q_cols, mask=q_mask, other=0.0).to(tl.float32)
-            q_h = (q_a * tl.rsqrt(tl.sum(q_a * q_a, axis=0) / Q + eps)).to(proj_ptr.dtype.element_ty)
-            q_w = tl.load(q_norm_ptr + q_cols, mask=q_mask, other=0.0)
-            tl.store(q_out_ptr + row * Q + q_cols,
-                     (q_h.to(tl.float32) * q_w.to(tl.float32)).to(q_out_ptr.dtype.element_ty), mask=q_mask)
+            q_y = _rms_norm_row(q_a, q_norm_ptr, q_cols, q_mask, Q, eps, proj_ptr.dtype.element_ty)
+            tl.store(q_out_ptr + row * Q + q_cols, q_y.to(q_out_ptr.dtype.element_ty), mask=q_mask)
         else:
             # kv_a_layernorm of c_kv [Q, Q + L) and RoPE of k_pe [Q + L, Q + L + 2 * HALF), written at this token's
             # slot: `length` (a static cache's device-side length) + the token's index in its row.
@@ -389,20 +389,12 @@ if triton is not None:
             cols = tl.arange(0, BLOCK_L)
             mask = cols < L
             x = tl.load(src + Q + cols, mask=mask, other=0.0).to(tl.float32)
-            h = (x * tl.rsqrt(tl.sum(x * x, axis=0) / L + eps)).to(proj_ptr.dtype.element_ty)
-            w = tl.load(kv_norm_ptr + cols, mask=mask, other=0.0)
-            tl.store(c_kv_ptr + b * stride_cb + slot * stride_cs + cols,
-                     (h.to(tl.float32) * w.to(tl.float32)).to(c_kv_ptr.dtype.element_ty), mask=mask & inside)
+            y = _rms_norm_row(x, kv_norm_ptr, cols, mask, L, eps, proj_ptr.dtype.element_ty)
+            tl.store(c_kv_ptr + b * stride_cb + slot * stride_cs + cols, y.to(c_kv_ptr.dtype.element_ty),
+                     mask=cols < tl.where(inside, L, 0))
             i = tl.arange(0, BLOCK_HALF)
-            pair_mask = i < HALF
-            cos = tl.load(cos_ptr + row * stride_ct + i, mask=pair_mask, other=0.0)
-            sin = tl.load(sin_ptr + row * stride_ct + i, mask=pair_mask, other=0.0)
-            x_even = tl.load(src + Q + L + 2 * i, mask=pair_mask, other=0.0).to(tl.float32)
-            x_odd = tl.load(src + Q + L + 2 * i + 1, mask=pair_mask, other=0.0).to(tl.float32)
-            dst = k_pe_ptr + b * stride_kb + slot * stride_ks
-            tl.store(dst + 2 * i, (x_even * cos - x_odd * sin).to(k_pe_ptr.dtype.element_ty), mask=pair_mask & inside)
-            tl.store(dst + 2 * i + 1, (x_even * sin + x_odd * cos).to(k_pe_ptr.dtype.element_ty),
-                     mask=pair_mask & inside)
+            _rotate_pairs_row(src + Q + L, k_pe_ptr + b * stride_kb + slot * stride_ks, cos_ptr + row * stride_ct,
+                              sin_ptr + row * stride_ct, i, i < tl.where(inside, HALF, 0))
 
     @triton.jit
     def _absorb_query_kernel(
@@ -430,16 +422,10 @@ if triton is not None:
             tl.store(out_row + lat, q_lat.to(out_ptr.dtype.element_ty), mask=lat < L)
         else:
             # The rotated q_pe after q_lat: interleaved pairs, as `apply_rotary_interleaved`.
-            i = tl.arange(0, BLOCK_HALF)
-            mask = i < HALF
             if PDL:
                 gdc_wait()
-            cos = tl.load(cos_ptr + b * stride_c + i, mask=mask, other=0.0)
-            sin = tl.load(sin_ptr + b * stride_c + i, mask=mask, other=0.0)
-            x_even = tl.load(q_row + N + 2 * i, mask=mask, other=0.0).to(tl.float32)
-            x_odd = tl.load(q_row + N + 2 * i + 1, mask=mask, other=0.0).to(tl.float32)
-            tl.store(out_row + L + 2 * i, (x_even * cos - x_odd * sin).to(out_ptr.dtype.element_ty), mask=mask)
-            tl.store(out_row + L + 2 * i + 1, (x_even * sin + x_odd * cos).to(out_ptr.dtype.element_ty), mask=mask)
+            i = tl.arange(0, BLOCK_HALF)
+            _rotate_pairs_row(q_row + N, out_row + L, cos_ptr + b * stride_c, sin_ptr + b * stride_c, i, i < HALF)
 
     @triton.jit
     def _head_values_kernel(

@@ -1,7 +1,15 @@
 """The `decode_kernels` switch on the CPU: the Triton fast paths are CUDA-only, so the CPU forward (and any training
 forward) is the eager reference whatever the switch says. Their equality with the eager ops is held by the GPU
-tests in test_gpu.py (`test_decode_kernels_*`)."""
+tests in test_gpu.py (`test_decode_kernels_*`). Where triton is installed (CUDA builds of torch), two more checks
+need no GPU: every kernel compiles for Hopper, and the loop-free kernels match the eager ops in Triton's
+interpreter."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 from _helpers import random_model, tiny_config
 from transformers import StaticCache
@@ -30,3 +38,74 @@ def test_decode_kernels_is_a_saved_config_switch_on_by_default(tmp_path):
     config.decode_kernels = False
     config.save_pretrained(tmp_path)
     assert type(config).from_pretrained(tmp_path).decode_kernels is False
+
+
+def _triton_or_skip():
+    return pytest.importorskip("triton", reason="triton is not installed (CUDA builds of torch ship it)")
+
+
+def test_decode_kernels_compile_for_hopper_without_a_gpu(monkeypatch):
+    """Every Triton kernel of a decode step compiles to sm_90a machine code (the Hopper build, PDL variants
+    included), from real wrapper calls on CPU tensors: the launch is replaced by an ahead-of-time compile."""
+    triton = _triton_or_skip()
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    from modeling_deepseek_v3 import decode_kernels, moe_kernels
+
+    types = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.int64: "i64"}
+    compiled = set()
+
+    def compile_instead_of_launch(kernel, *args, grid, warmup=False, **kwargs):
+        options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "launch_pdl") if k in kwargs}
+        values = dict(zip(kernel.arg_names, args), **kwargs)
+        signature, constexprs = {}, {}
+        for param, name in zip(kernel.params, kernel.arg_names):
+            value = values[name]
+            if param.is_constexpr:
+                signature[name], constexprs[name] = "constexpr", value
+            elif isinstance(value, torch.Tensor):
+                signature[name] = "*" + types[value.dtype]
+            else:
+                signature[name] = "fp32" if isinstance(value, float) else "i32"
+        source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+        triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+        compiled.add(kernel.fn.__name__)
+
+    monkeypatch.setattr(JITFunction, "run", compile_instead_of_launch)
+    pdl = lambda x: {"PDL": True, "launch_pdl": True}  # noqa: E731
+    monkeypatch.setattr(decode_kernels, "_launch_options", pdl)
+    monkeypatch.setattr(moe_kernels, "_launch_options", pdl)
+
+    def t(*shape):
+        return torch.randn(*shape, dtype=torch.bfloat16)
+
+    angle = torch.rand(1, 32)
+    decode_kernels.rms_norm(t(3, 1, 512), t(512), 1e-6)
+    decode_kernels.add_rms_norm(t(1, 1, 2048), t(1, 1, 2048), t(2048), 1e-6)
+    decode_kernels.linear_pair(t(1, 2048), t(1536, 2048), t(576, 2048))
+    decode_kernels.router_scores(t(1, 2048), t(64, 2048))
+    decode_kernels.silu_gate_up(t(1, 2048), t(2816, 2048), t(2816, 2048))
+    decode_kernels.noaux_topk(torch.rand(1, 64), torch.zeros(64), 8, 4, 6, True, 2.5)
+    decode_kernels.rotate_pairs_(t(1, 16, 192)[..., 128:], t(1, 64), angle, angle)
+    decode_kernels.latent_norm_rope(t(1, 1, 2112), t(1536), t(512), 1e-6, angle, angle,
+                                    cache=(t(1, 100, 512), t(1, 100, 64), torch.tensor(3)))
+    q = decode_kernels.absorb_query(t(1, 16, 192), t(16 * 256, 512), angle, angle, 128)
+    decode_kernels.absorbed_decode_attention(q[..., :512], q[..., 512:], t(1, 1025, 512), t(1, 1025, 64), t(1, 1025),
+                                             0.1, t(16 * 256, 512), 128, advance_length=torch.tensor(3))
+    decode_kernels.moe_combine(torch.randn(6, 2048), torch.rand(1, 6), t(1, 2048), t(1, 2048))
+    experts = torch.arange(6)
+    moe_kernels.expert_down(moe_kernels.expert_gate_up_act(t(1, 2048), t(64, 2816, 2048), experts, 6),
+                            t(64, 2048, 1408), experts)
+    assert len(compiled) == 14, sorted(compiled)
+
+
+def test_decode_kernels_equal_the_eager_ops_in_the_triton_interpreter():
+    """The kernels' math on CPU tensors through Triton's interpreter (tests/_triton_interpreter_check.py)."""
+    _triton_or_skip()
+    env = dict(os.environ, TRITON_INTERPRET="1", DEEPSEEK_V3_PDL="0")
+    script = Path(__file__).with_name("_triton_interpreter_check.py")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, env=env,
+                            cwd=script.parent)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout[-2000:] + result.stderr[-3000:]

@@ -1,0 +1,75 @@
+"""Run by test_decode_kernels.py in a fresh interpreter with TRITON_INTERPRET=1 (set before triton is imported):
+the decode kernels on CPU tensors through Triton's interpreter, against the eager ops they replace. Kernels with a
+loop over a runtime bound (the matrix-vector products, the attention split, the MoE experts) are left to the GPU
+tests: Triton 3.6's interpreter cannot run those loops."""
+
+import torch
+from _helpers import relative_max_diff
+
+from modeling_deepseek_v3 import decode_kernels as kernels
+from modeling_deepseek_v3.modeling_deepseek_v3 import DeepseekV3RMSNorm, apply_rotary_interleaved
+
+TOLERANCE = 1e-5
+
+
+def norm_of(width: int) -> DeepseekV3RMSNorm:
+    norm = DeepseekV3RMSNorm(width)
+    torch.nn.init.normal_(norm.weight, 1.0, 0.2)
+    return norm
+
+
+def main():
+    torch.manual_seed(0)
+    norm = norm_of(64)
+    x, delta = torch.randn(3, 1, 64), torch.randn(3, 1, 64)
+    assert relative_max_diff(kernels.rms_norm(x, norm.weight, 1e-6), norm(x)) < TOLERANCE
+    total, normed = kernels.add_rms_norm(x, delta, norm.weight, 1e-6)
+    assert torch.equal(total, x + delta) and relative_max_diff(normed, norm(x + delta)) < TOLERANCE
+
+    # Latent norms + RoPE of k_pe, into fresh tensors and into cache slots 2..3 (B=2 rows of T=2 tokens).
+    B, T, Q, L, R = 2, 2, 48, 32, 8
+    projected = torch.randn(B, T, Q + L + R)
+    q_norm, kv_norm = norm_of(Q), norm_of(L)
+    angles = torch.randn(B * T, R // 2) * 100
+    cos, sin = angles.cos(), angles.sin()
+    q_a, c_kv_new, k_pe_new = projected.split([Q, L, R], dim=-1)
+    k_pe_reference = apply_rotary_interleaved(k_pe_new, cos.view(B, T, -1), sin.view(B, T, -1))
+    q_out, c_kv, k_pe = kernels.latent_norm_rope(projected, q_norm.weight, kv_norm.weight, 1e-6, cos, sin)
+    assert relative_max_diff(q_out, q_norm(q_a)) < TOLERANCE
+    assert relative_max_diff(c_kv, kv_norm(c_kv_new)) < TOLERANCE
+    assert relative_max_diff(k_pe, k_pe_reference) < TOLERANCE
+    cache_c, cache_k = torch.zeros(B, 5, L), torch.zeros(B, 5, R)
+    kernels.latent_norm_rope(projected, q_norm.weight, kv_norm.weight, 1e-6, cos, sin,
+                             cache=(cache_c, cache_k, torch.tensor(2)))
+    assert relative_max_diff(cache_c[:, 2:4], kv_norm(c_kv_new)) < TOLERANCE
+    assert relative_max_diff(cache_k[:, 2:4], k_pe_reference) < TOLERANCE
+    assert not cache_c[:, [0, 1, 4]].any() and not cache_k[:, [0, 1, 4]].any()
+
+    # Absorbed query: q_nope @ W_UK and the RoPE of q_pe.
+    H, N, V = 4, 16, 16
+    w_kv_b = torch.randn(H * (N + V), L) * 0.2
+    q = torch.randn(B, H, N + R)
+    q_HBk = kernels.absorb_query(q, w_kv_b, cos[:B], sin[:B], N)
+    q_lat = torch.einsum("bhn,hnl->hbl", q[..., :N], w_kv_b.view(H, N + V, L)[:, :N])
+    q_pe = apply_rotary_interleaved(q[..., N:], cos[:B, None], sin[:B, None]).transpose(0, 1)
+    assert relative_max_diff(q_HBk[..., :L], q_lat) < TOLERANCE
+    assert relative_max_diff(q_HBk[..., L:], q_pe) < TOLERANCE
+    q_rope = q.clone()
+    kernels.rotate_pairs_(q_rope[..., N:], None, cos[:B], sin[:B])
+    assert relative_max_diff(q_rope[..., N:], q_pe.transpose(0, 1)) < TOLERANCE
+
+    # Router top-k, and the MoE combine (routed sum, shared experts, residual).
+    scores_TE = torch.rand(3, 16)
+    idx, weight = kernels.noaux_topk(scores_TE, torch.zeros(16), 4, 2, 4, True, 2.5)
+    groups = scores_TE.view(3, 4, 4).topk(2, dim=-1).values.sum(-1).topk(2, dim=-1).indices
+    assert all(set((idx[t] // 4).tolist()) <= set(groups[t].tolist()) for t in range(3))
+    assert torch.allclose(weight.sum(-1), torch.full((3,), 2.5))
+    y = torch.randn(3 * 4, 64)
+    shared, residual = torch.randn(3, 64), torch.randn(3, 64)
+    combined = residual + ((y * weight.reshape(-1, 1)).view(3, 4, 64).sum(1) + shared)
+    assert relative_max_diff(kernels.moe_combine(y, weight, shared, residual), combined) < TOLERANCE
+    print("ok")
+
+
+if __name__ == "__main__":
+    main()
