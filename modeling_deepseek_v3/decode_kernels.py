@@ -24,7 +24,11 @@ one or two launches, with the same float32 math as the eager reference in `model
 - `add_rms_norm`: the residual add and the next RMSNorm; `moe_combine`: the routed experts' weighted sum, the
   shared experts and the residual, with the eager path's roundings.
 
-A MoE decoder layer's decode step is then ~18 launches (attention 9, MoE 8, one norm) instead of ~30.
+A MoE decoder layer's decode step is then 17 launches (attention 9 with its input norm, MoE 8 with the
+post-attention norm) instead of ~110, chained by programmatic dependent launch on Hopper (`USE_PDL`). The tiles
+come from `benchmarks/tune_decode_kernels.py`; `tests/test_decode_kernels.py` compiles every kernel for Hopper and
+runs the loop-free ones in Triton's interpreter without a GPU, `tests/test_gpu.py` holds them equal to the eager
+path on a GPU.
 
 Shapes: T tokens (rows), D input features, E experts, K experts per token, G expert groups, H heads, L latent
 (kv_lora_rank), R rope dims, S cache slots.
