@@ -1597,6 +1597,19 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         return mtp_loss, tuple(depth_logits), aux_loss
 
 
+def restore_cache_tensors(cache: Cache, tensors: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Put each static cache layer's contents back into the tensors a captured graph addresses (`tensors`, one
+    (keys, values) pair per layer), where something replaced them: beam search's `reorder_cache` assigns
+    `index_select` copies, which the graph would never see (it would keep writing and reading the old ones)."""
+    for layer, (keys, values) in zip(cache.layers, tensors):
+        if layer.keys is not keys:
+            keys.copy_(layer.keys)
+            layer.keys = keys
+        if layer.values is not values:
+            values.copy_(layer.values)
+            layer.values = values
+
+
 class DecodeGraph:
     """One decode step (batch B, one new token per row) on a static cache, captured as a CUDA graph.
 
@@ -1636,6 +1649,8 @@ class DecodeGraph:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):  # records the step; nothing runs, the length stays as restored
             self.logits = self._step(cache)
+        # The graph reads and writes these tensors by address.
+        self.cache_tensors = [(layer.keys, layer.values) for layer in cache.layers]
 
     def _step(self, cache):
         hidden = self.model.model(
@@ -1651,6 +1666,7 @@ class DecodeGraph:
         length = attention_mask.shape[1]
         if length > self.mask_length:
             raise ValueError(f"attention_mask: {length} positions exceed the static cache length {self.mask_length}")
+        restore_cache_tensors(self.cache_ref(), self.cache_tensors)
         self.input_ids.copy_(input_ids)
         self.mask[:, length:].zero_()
         self.mask[:, :length].copy_(attention_mask)

@@ -168,3 +168,33 @@ def test_static_cache_prompt_attends_only_to_the_written_slots(attn_implementati
             next_static = model(token, attention_mask=step_mask, past_key_values=cache).logits
             next_dynamic = model(token, attention_mask=step_mask, past_key_values=dynamic_cache).logits
         assert relative_max_diff(next_static, next_dynamic) < 1e-5
+
+
+def test_beam_reordering_of_a_static_cache_is_copied_back_into_the_graphs_tensors():
+    """Beam search's `reorder_cache` replaces a static cache's tensors; a captured decode graph addresses the old
+    ones, so the replay first copies the reordered contents back into them (`restore_cache_tensors`)."""
+    from transformers import StaticCache
+
+    from modeling_deepseek_v3.modeling_deepseek_v3 import restore_cache_tensors
+
+    model = random_model(tiny_config(), seed=3)
+    ids = torch.randint(2, 512, (2, 12))
+    cache = StaticCache(config=model.config, max_cache_len=20)
+    with torch.no_grad():
+        model(ids, attention_mask=torch.ones_like(ids), past_key_values=cache)
+    captured = [(layer.keys, layer.values) for layer in cache.layers]
+    cache.reorder_cache(torch.tensor([1, 0]))
+    assert cache.layers[0].keys is not captured[0][0]  # what a captured graph would no longer see
+    reordered = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+    restore_cache_tensors(cache, captured)
+    for layer, (keys, values), (new_keys, new_values) in zip(cache.layers, captured, reordered):
+        assert layer.keys is keys and layer.values is values
+        assert torch.equal(keys, new_keys) and torch.equal(values, new_values)
+
+
+def test_beam_search_on_a_static_cache_equals_beam_search_on_a_dynamic_cache():
+    model = random_model(tiny_config(), seed=3)
+    ids = torch.randint(2, 512, (2, 12))
+    kwargs = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, num_beams=3, pad_token_id=0,
+                  attention_mask=torch.ones_like(ids))
+    assert torch.equal(model.generate(ids, cache_implementation="static", **kwargs), model.generate(ids, **kwargs))

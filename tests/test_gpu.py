@@ -94,6 +94,18 @@ def test_generate_with_static_cache_and_cuda_graph_matches_dynamic_greedy_tokens
     assert torch.equal(model.generate(ids, cache_implementation="static", **kwargs), model.generate(ids, **kwargs))
 
 
+def test_beam_search_replays_the_graph_on_a_reordered_static_cache():
+    # Beam search reorders the static cache between steps (new tensors); the replay copies them back into the
+    # tensors the graph addresses (restore_cache_tensors), so the beams equal those of the dynamic cache.
+    model = random_model(tiny_config(), seed=3).cuda()
+    ids = torch.randint(2, 512, (2, 12), device="cuda")
+    kwargs = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, num_beams=3, pad_token_id=0,
+                  attention_mask=torch.ones_like(ids))
+    static = model.generate(ids, cache_implementation="static", **kwargs)
+    assert model.__dict__.get("_decode_graphs"), "the beam search steps did not replay the CUDA graph"
+    assert torch.equal(static, model.generate(ids, **kwargs))
+
+
 @pytest.mark.parametrize("tokens", [1, 5, 64])
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
 def test_triton_decode_experts_equal_the_eager_loop(tokens, dtype, tolerance):
