@@ -17,26 +17,11 @@ import statistics
 from pathlib import Path
 
 import torch
+from bench_generate import copy_bandwidth
 
 from modeling_deepseek_v3 import decode_kernels, moe_kernels
 
 PRESETS = Path(__file__).resolve().parent.parent / "configuration"
-
-
-def copy_bandwidth(nbytes=2 * 1024**3) -> float:
-    a = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    times = []
-    for _ in range(10):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        b.copy_(a)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return 2 * nbytes / statistics.median(times)
 
 
 def graph_time(fn, repeats=10) -> float:

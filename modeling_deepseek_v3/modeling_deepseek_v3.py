@@ -111,6 +111,16 @@ class DeepseekV3RMSNorm(nn.Module):
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
 
 
+def _plain_norm(norm: nn.Module, x: torch.Tensor) -> bool:
+    """A `DeepseekV3RMSNorm` whose weight sits with `x` in its dtype (the fused kernels read it directly)."""
+    return (
+        type(norm) is DeepseekV3RMSNorm
+        and norm.weight.device == x.device
+        and norm.weight.dtype == x.dtype
+        and x.stride(-1) == 1
+    )
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Rotary embedding with YaRN (REFERENCE.md section 3)
 # ----------------------------------------------------------------------------------------------------------------
@@ -432,10 +442,8 @@ class DeepseekV3Attention(nn.Module):
             self.q_lora_rank is not None
             and _plain_weight(self.q_a_proj, x)
             and _plain_weight(self.kv_a_proj_with_mqa, x)
-            and all(
-                type(norm) is DeepseekV3RMSNorm and norm.weight.device == x.device and norm.weight.dtype == x.dtype
-                for norm in (self.q_a_layernorm, self.kv_a_layernorm)
-            )
+            and _plain_norm(self.q_a_layernorm, x)
+            and _plain_norm(self.kv_a_layernorm, x)
             and self.q_a_layernorm.variance_epsilon == self.kv_a_layernorm.variance_epsilon
         )
 
@@ -957,16 +965,6 @@ class DeepseekV3MoE(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 # Decoder layer and Multi-Token Prediction layer
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def _plain_norm(norm: nn.Module, x: torch.Tensor) -> bool:
-    """A `DeepseekV3RMSNorm` whose weight sits with `x` in its dtype (the fused kernels read it directly)."""
-    return (
-        type(norm) is DeepseekV3RMSNorm
-        and norm.weight.device == x.device
-        and norm.weight.dtype == x.dtype
-        and x.stride(-1) == 1
-    )
 
 
 class DeepseekV3DecoderLayer(GradientCheckpointingLayer):
