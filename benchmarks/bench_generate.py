@@ -5,15 +5,18 @@ weights to host memory, builds transformers' built-in `DeepseekV3ForCausalLM` fr
 it, and prints both with the ratio and the hardware floor. Rows:
 
 - prefill T tokens, batch 1: tokens/s (CUDA events, median of `--repeats`) and the peak memory beyond the weights;
-- decode batch B at context C: ms per generated token in a greedy loop over `model(...)` with a cache (the loop
-  `generate()` runs), after a prefill of C tokens, with the default dynamic cache and with a static cache (ours
-  then replays its captured CUDA graph; the built-in runs its eager forward: no torch.compile);
+- decode batch B at context C (batch 1 at each `--context`, larger batches at `--batch-context`): ms per generated
+  token in a greedy loop over `model(...)` with a cache (the loop `generate()` runs), after a prefill of C tokens,
+  with the default dynamic cache and with a static cache (ours then replays its captured CUDA graph; the built-in
+  runs its eager forward: no torch.compile), and the weight bandwidth of the static rows: the bytes a step reads
+  (the routed experts its tokens chose, counted in one eager step of ours) over the step time;
 - `generate()` end to end, batch 1, static cache: per-token time from the difference of two lengths, and the
   wall time of the first call (warm-up: our graph capture);
 - the floor: bytes of the active parameters per token (attention, dense/shared MLPs, K routed experts per MoE
   layer, the LM head) read once, over the device-to-device copy bandwidth measured here.
 
-    python benchmarks/bench_generate.py --preset deepseek-v3-lite --prefill 4096 32768 --context 1024 32768 --batch 1 32
+    python benchmarks/bench_generate.py --preset deepseek-v3-lite --prefill 4096 32768 --context 1024 32768 \
+        --batch 1 32 --batch-context 2048
 """
 
 import argparse
@@ -65,6 +68,37 @@ def active_bytes_per_token(config: DeepseekV3Config, model) -> int:
     return total
 
 
+def weight_bytes_read(model, config: DeepseekV3Config, step) -> int:
+    """Parameter bytes one decode step reads at its batch size: every parameter a decode step uses (not the MTP
+    layer; one embedding row per token, left out) except the routed experts, plus the routed experts the step's
+    tokens actually chose, counted by running `step()` once eagerly with `tracking_expert_load()`."""
+    routers = model.expert_routers()
+    for router in routers:
+        router.expert_load.zero_()
+    graph_setting, model.config.cuda_graph_decode = model.config.cuda_graph_decode, False  # the graph does not count
+    with model.tracking_expert_load():
+        step()
+    model.config.cuda_graph_decode = graph_setting
+    touched = sum(int((router.expert_load > 0).sum()) for router in routers)
+    for router in routers:
+        router.expert_load.zero_()
+    dense, experts = 0, 0
+    for name, p in model.named_parameters():
+        if name.startswith(f"model.layers.{config.num_hidden_layers}") or "embed_tokens" in name:
+            continue
+        if ".mlp.experts." in name:
+            experts += p.numel() * p.element_size()
+        else:
+            dense += p.numel() * p.element_size()
+    moe_layers = sum(1 for i in range(config.num_hidden_layers) if config.is_moe_layer(i))
+    return dense + touched * experts // (moe_layers * config.n_routed_experts)
+
+
+def decode_rows(args) -> list[tuple[int, int]]:
+    """(context, batch) of the decode rows: batch 1 at every --context, the other --batch sizes at --batch-context."""
+    return [(c, 1) for c in args.context] + [(args.batch_context, b) for b in args.batch if b != 1]
+
+
 def timed(fn, repeats: int) -> float:
     """Median seconds of `fn()` over `repeats` runs (one warm-up), CUDA-event timed."""
     fn()
@@ -109,7 +143,7 @@ def measure(model, args, vocab) -> dict:
     long, short = timed(generate(args.decode_steps + 1), args.repeats), timed(generate(1), args.repeats)
     results["generate_b1_static"] = {"ms_per_token": (long - short) / args.decode_steps * 1e3,
                                      "graph_captures": getattr(DecodeGraph, "captures", 0) - captures}
-    for context_len, batch in [(args.context[0], b) for b in args.batch] + [(c, 1) for c in args.context[1:]]:
+    for context_len, batch in decode_rows(args):
         context = torch.randint(2, vocab, (batch, context_len), device="cuda", generator=generator)
         for cache_kind in ("dynamic", "static"):
             # One static cache for the warm-up and the timed runs (reset in between), as generate() reuses its
@@ -137,6 +171,14 @@ def measure(model, args, vocab) -> dict:
             step = statistics.median(decode() for _ in range(args.repeats))
             results[f"decode_b{batch}_c{context_len}_{cache_kind}"] = {"ms_per_token": step * 1e3, "tokens_per_s": batch / step}
             del static
+        if hasattr(model, "expert_routers"):  # ours: the weight bytes one decode step at this batch reads
+            mask = torch.ones(batch, context_len + 1, dtype=torch.long, device="cuda")
+            out = model(context, attention_mask=mask[:, :-1], use_cache=True, logits_to_keep=1)
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            results[f"weight_bytes_b{batch}_c{context_len}"] = weight_bytes_read(
+                model, model.config, lambda: model(token, attention_mask=mask, past_key_values=out.past_key_values)
+            )
+            del out
 
     results["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return results
@@ -148,8 +190,9 @@ def main():
     parser.add_argument("--layers", type=int, default=None, help="cut the preset to this many layers")
     parser.add_argument("--prefill", type=int, nargs="+", default=[4096])
     parser.add_argument("--context", type=int, nargs="+", default=[1024],
-                        help="decode contexts: every --batch at the first, batch 1 at the others")
+                        help="decode contexts of the batch-1 rows (the first also for generate())")
     parser.add_argument("--batch", type=int, nargs="+", default=[1])
+    parser.add_argument("--batch-context", type=int, default=2048, help="context of the rows with batch > 1")
     parser.add_argument("--decode-steps", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", help="write the numbers here")
@@ -191,12 +234,19 @@ def main():
         print(f"{f'prefill {length} tok, tokens/s':<40} {o[key]['tokens_per_s']:12.0f} {t[key]['tokens_per_s']:14.0f} "
               f"{o[key]['tokens_per_s'] / t[key]['tokens_per_s']:7.2f}x")
         print(f"{f'prefill {length} tok, peak extra GiB':<40} {o[key]['peak_extra_gib']:12.2f} {t[key]['peak_extra_gib']:14.2f}")
-    for context_len, batch in [(args.context[0], b) for b in args.batch] + [(c, 1) for c in args.context[1:]]:
+    for context_len, batch in decode_rows(args):
         for cache_kind in ("dynamic", "static"):
             key = f"decode_b{batch}_c{context_len}_{cache_kind}"
             label = f"decode b{batch} ctx {context_len} {cache_kind}, ms/tok"
             print(f"{label:<40} {o[key]['ms_per_token']:12.2f} {t[key]['ms_per_token']:14.2f} "
                   f"{t[key]['ms_per_token'] / o[key]['ms_per_token']:7.2f}x")
+        # Weight bandwidth of the static rows: the bytes our step reads (experts counted in a step of ours; the
+        # built-in routes the same tokens on the same weights) over each step's time.
+        nbytes = o[f"weight_bytes_b{batch}_c{context_len}"]
+        key = f"decode_b{batch}_c{context_len}_static"
+        ours_bw, theirs_bw = (nbytes / (r[key]["ms_per_token"] / 1e3) / 1e9 for r in (o, t))
+        label = f"  weights {nbytes / 1e9:.1f} GB/step, GB/s"
+        print(f"{label:<40} {ours_bw:12.0f} {theirs_bw:14.0f}   ({ours_bw * 1e9 / bandwidth:.0%} of copy bandwidth)")
     label = f"generate() b1 ctx {args.context[0]} static, ms/tok"
     print(f"{label:<40} {o['generate_b1_static']['ms_per_token']:12.2f} {t['generate_b1_static']['ms_per_token']:14.2f} "
           f"{t['generate_b1_static']['ms_per_token'] / o['generate_b1_static']['ms_per_token']:7.2f}x")
