@@ -1544,6 +1544,8 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
     def _decode_graph(self, cache: Cache, batch_size: int) -> "DecodeGraph":
         """The captured decode step for this static cache and batch size (captured on first use)."""
         graphs = self.__dict__.setdefault("_decode_graphs", {})
+        for stale in [k for k, g in graphs.items() if g.cache_ref() is None]:
+            del graphs[stale]  # its cache is gone: free the graph's memory pool and the cache tensors it holds
         # The graph records the kernels chosen at capture: a switch of `decode_kernels` needs its own capture.
         key = (id(cache), batch_size, self.config.decode_kernels)
         graph = graphs.get(key)
@@ -1647,7 +1649,8 @@ class DecodeGraph:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):  # records the step; nothing runs, the length stays as restored
             self.logits = self._step(cache)
-        # The graph reads and writes these tensors by address.
+        # The graph reads and writes these tensors by address: held here so that they outlive a beam search's
+        # `reorder_cache` (which replaces them in the cache); `_decode_graph` drops the graph once the cache is gone.
         self.cache_tensors = [(layer.keys, layer.values) for layer in cache.layers]
 
     def _step(self, cache):
