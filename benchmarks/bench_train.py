@@ -12,6 +12,7 @@ the routed tokens for the bias update (and the MTP loss with `--mtp`; the built-
 default compares without it); the built-in computes the LM loss.
 
     python benchmarks/bench_train.py --preset deepseek-v3-lite --layers 8 --seq 4096 --batch 1 [--compile layers]
+        [--training-kernels]
 """
 
 import argparse
@@ -84,6 +85,8 @@ def main():
     parser.add_argument("--compile", choices=["model", "layers"],
                         help="torch.compile both models: the whole model, or each decoder layer (regional)")
     parser.add_argument("--skip-builtin", action="store_true")
+    parser.add_argument("--training-kernels", action="store_true",
+                        help="ours with config.training_kernels (fused Triton RMSNorm with its own backward)")
     parser.add_argument("--json", help="write the numbers here")
     args = parser.parse_args()
 
@@ -91,7 +94,7 @@ def main():
     fields["num_hidden_layers"] = args.layers
     if not args.mtp:
         fields["num_nextn_predict_layers"] = 0
-    config = DeepseekV3Config(**fields)
+    config = DeepseekV3Config(**fields, training_kernels=args.training_kernels)
     torch.manual_seed(0)
     with torch.device("cuda"):
         ours = DeepseekV3ForCausalLM._from_config(config, dtype=torch.bfloat16)
@@ -123,7 +126,8 @@ def main():
     print(f"\n{device}; torch {torch.__version__}; transformers {transformers.__version__}; preset {args.preset} cut to "
           f"{config.num_hidden_layers} layers{' + MTP' if args.mtp else ''}, {n_params / 1e9:.2f}B parameters, bf16 "
           f"weights and gradients, batch {args.batch} x {args.seq} tokens, forward + backward"
-          f"{f', torch.compile ({args.compile})' if args.compile else ', eager'}")
+          f"{f', torch.compile ({args.compile})' if args.compile else ', eager'}"
+          f"{', ours with training_kernels' if args.training_kernels else ''}")
     print(f"{'workload':<34} {'ours':>10} {'transformers':>13} {'ratio':>7}")
     for key in ("plain", "checkpointing"):
         o, t = rows["ours"][key], rows.get("transformers", {}).get(key)

@@ -131,6 +131,10 @@ class DeepseekV3Config(PretrainedConfig):
             projections (`q_a_proj` and `kv_a_proj_with_mqa` in one pass) and of the dense and shared-expert MLPs
             (gate, up and SiLU in one pass). Only plain bias-free `nn.Linear` weights take the kernels (a PEFT
             adapter or a quantized linear runs its own forward). `False` runs the eager reference everywhere.
+        training_kernels (`bool`, *optional*, defaults to `False`):
+            With autograd on CUDA, run RMSNorm as a fused Triton kernel with its own backward
+            (`training_kernels.py`: two kernels instead of ~17, and no float32 copy of each norm's input kept for
+            backward). Off by default: its training speed has not been measured against the eager path yet.
     """
 
     model_type = "deepseek_v3"
@@ -185,6 +189,7 @@ class DeepseekV3Config(PretrainedConfig):
         moe_implementation="auto",
         cuda_graph_decode=True,
         decode_kernels=True,
+        training_kernels=False,
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -233,6 +238,7 @@ class DeepseekV3Config(PretrainedConfig):
         self.moe_implementation = moe_implementation
         self.cuda_graph_decode = cuda_graph_decode
         self.decode_kernels = decode_kernels
+        self.training_kernels = training_kernels
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,

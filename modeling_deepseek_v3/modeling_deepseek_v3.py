@@ -46,6 +46,7 @@ from .decode_kernels import (
     silu_gate_up,
 )
 from .moe_kernels import expert_down, expert_gate_up_act, triton_moe_available
+from .training_kernels import rms_norm_training
 from .official_checkpoint import fp8_quantization_config, load_fp8_checkpoint
 
 register_official_layout()
@@ -65,6 +66,18 @@ def _use_decode_kernels(config: DeepseekV3Config | None, module: nn.Module, x: t
         and not torch.is_grad_enabled()
         and decode_kernels_available(x)
         and not torch.is_autocast_enabled(x.device.type)
+        and not torch.compiler.is_compiling()
+    )
+
+
+def _use_training_kernels(config: DeepseekV3Config | None, x: torch.Tensor) -> bool:
+    """Whether the `config.training_kernels` path applies to `x`: CUDA with autograd on, not while torch.compile
+    traces (Inductor fuses the eager ops itself)."""
+    return bool(
+        config is not None
+        and config.training_kernels
+        and torch.is_grad_enabled()
+        and decode_kernels_available(x)
         and not torch.compiler.is_compiling()
     )
 
@@ -90,7 +103,8 @@ def _decode_linear(linear: nn.Module, x: torch.Tensor, kernels: bool) -> torch.T
 
 class DeepseekV3RMSNorm(nn.Module):
     """RMSNorm computed in float32, scaled by `weight` in the input dtype. With a `config` whose `decode_kernels`
-    is on, CUDA inference runs one Triton kernel (`decode_kernels.rms_norm`, same math) instead of eight."""
+    is on, CUDA inference runs one Triton kernel (`decode_kernels.rms_norm`, same math) instead of eight; with
+    `training_kernels` on, CUDA training runs one forward and one backward kernel (`training_kernels.py`)."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-6, config: DeepseekV3Config | None = None):
         super().__init__()
@@ -101,6 +115,8 @@ class DeepseekV3RMSNorm(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if _use_decode_kernels(self.config, self, hidden_states) and self.weight.device == hidden_states.device:
             return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+        if _use_training_kernels(self.config, hidden_states) and _plain_norm(self, hidden_states):
+            return rms_norm_training(hidden_states, self.weight, self.variance_epsilon)
         input_dtype = hidden_states.dtype
         hidden_states = hidden_states.to(torch.float32)
         variance = hidden_states.pow(2).mean(-1, keepdim=True)

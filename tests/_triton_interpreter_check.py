@@ -68,6 +68,28 @@ def main():
     shared, residual = torch.randn(3, 64), torch.randn(3, 64)
     combined = residual + ((y * weight.reshape(-1, 1)).view(3, 4, 64).sum(1) + shared)
     assert relative_max_diff(kernels.moe_combine(y, weight, shared, residual), combined) < TOLERANCE
+    # Training RMSNorm: forward and backward against the eager module's autograd (a strided input, as the c_kv
+    # slice of kv_a_proj's output), and what it keeps for backward.
+    from modeling_deepseek_v3.training_kernels import rms_norm_training
+
+    for dtype, tolerance in ((torch.float32, TOLERANCE), (torch.bfloat16, 2e-2)):
+        norm = norm_of(64).to(dtype)
+        projected_eager = torch.randn(6, 80, dtype=dtype, requires_grad=True)
+        projected_fused = projected_eager.detach().clone().requires_grad_()
+        dy = torch.randn(6, 64, dtype=dtype)
+        eager = norm(projected_eager[:, :64])
+        eager.backward(dy)
+        eager_dw, norm.weight.grad = norm.weight.grad, None
+        fused = rms_norm_training(projected_fused[:, :64], norm.weight, 1e-6)  # rows with stride 80
+        fused.backward(dy)
+        assert relative_max_diff(fused, eager) < tolerance
+        assert relative_max_diff(projected_fused.grad, projected_eager.grad) < tolerance
+        assert relative_max_diff(norm.weight.grad, eager_dw) < tolerance
+    saved = []
+    x = torch.randn(32, 64, dtype=torch.bfloat16, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t):
+        rms_norm_training(x, torch.ones(64, dtype=torch.bfloat16), 1e-6)
+    assert sum(saved) == 32 * 64 * 2 + 64 * 2 + 32 * 4  # x, the weight, one float32 scale per row
     print("ok")
 
 

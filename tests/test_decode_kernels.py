@@ -34,25 +34,40 @@ def test_decode_kernels_switch_leaves_the_cpu_forward_on_the_eager_path():
 
 def test_decode_kernels_is_a_saved_config_switch_on_by_default(tmp_path):
     config = tiny_config()
-    assert config.decode_kernels is True
-    config.decode_kernels = False
+    assert config.decode_kernels is True and config.training_kernels is False
+    config.decode_kernels, config.training_kernels = False, True
     config.save_pretrained(tmp_path)
-    assert type(config).from_pretrained(tmp_path).decode_kernels is False
+    reloaded = type(config).from_pretrained(tmp_path)
+    assert reloaded.decode_kernels is False and reloaded.training_kernels is True
+
+
+def test_training_kernels_switch_leaves_the_cpu_training_step_on_the_eager_path():
+    model = random_model(tiny_config(), seed=12).train()
+    ids = torch.randint(2, 512, (2, 9))
+    grads = []
+    for setting in (True, False):
+        model.config.training_kernels = setting
+        model.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        grads.append(model.model.layers[0].input_layernorm.weight.grad.clone())
+    assert torch.equal(grads[0], grads[1])
 
 
 def _triton_or_skip():
     return pytest.importorskip("triton", reason="triton is not installed (CUDA builds of torch ship it)")
 
 
-def test_decode_kernels_compile_for_hopper_without_a_gpu(monkeypatch):
-    """Every Triton kernel of a decode step compiles to sm_90a machine code (the Hopper build, PDL variants
-    included), from real wrapper calls on CPU tensors: the launch is replaced by an ahead-of-time compile."""
+def test_triton_kernels_compile_for_hopper_without_a_gpu(monkeypatch):
+    """Every Triton kernel of a decode step (PDL variants included) and the training RMSNorm compile to sm_90a
+    machine code (the Hopper build), from real wrapper calls on CPU tensors: the launch is replaced by an
+    ahead-of-time compile."""
     triton = _triton_or_skip()
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from triton.runtime.jit import JITFunction
 
     from modeling_deepseek_v3 import decode_kernels, moe_kernels
+    from modeling_deepseek_v3.training_kernels import rms_norm_training
 
     types = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.int64: "i64"}
     compiled = set()
@@ -98,11 +113,14 @@ def test_decode_kernels_compile_for_hopper_without_a_gpu(monkeypatch):
     experts = torch.arange(6)
     moe_kernels.expert_down(moe_kernels.expert_gate_up_act(t(1, 2048), t(64, 2816, 2048), experts, 6),
                             t(64, 2048, 1408), experts)
-    assert len(compiled) == 14, sorted(compiled)
+    x = t(8, 2048).requires_grad_()
+    rms_norm_training(x, t(2048).requires_grad_(), 1e-6).backward(t(8, 2048))  # the training kernels, both ways
+    assert len(compiled) == 16, sorted(compiled)
 
 
-def test_decode_kernels_equal_the_eager_ops_in_the_triton_interpreter():
-    """The kernels' math on CPU tensors through Triton's interpreter (tests/_triton_interpreter_check.py)."""
+def test_triton_kernels_equal_the_eager_ops_in_the_triton_interpreter():
+    """The kernels' math on CPU tensors through Triton's interpreter (tests/_triton_interpreter_check.py): the
+    loop-free decode kernels, and the training RMSNorm forward and backward against the eager module's autograd."""
     _triton_or_skip()
     env = dict(os.environ, TRITON_INTERPRET="1", DEEPSEEK_V3_PDL="0")
     script = Path(__file__).with_name("_triton_interpreter_check.py")

@@ -106,6 +106,24 @@ def test_beam_search_replays_the_graph_on_a_reordered_static_cache():
     assert torch.equal(static, model.generate(ids, **kwargs))
 
 
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
+def test_training_kernels_step_equals_the_eager_step(dtype, tolerance):
+    model = random_model(tiny_config(), seed=13).cuda().to(dtype).train()
+    ids = torch.randint(2, 512, (2, 16), device="cuda")
+    steps = []
+    for setting in (True, False):
+        model.config.training_kernels = setting
+        model.zero_grad(set_to_none=True)
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        steps.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (fused_loss, fused_grads), (eager_loss, eager_grads) = steps
+    assert relative_max_diff(fused_loss, eager_loss) < tolerance
+    assert len(fused_grads) == len(eager_grads)
+    for fused, eager in zip(fused_grads, eager_grads):
+        assert relative_max_diff(fused, eager) < tolerance
+
+
 @pytest.mark.parametrize("tokens", [1, 5, 64])
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
 def test_triton_decode_experts_equal_the_eager_loop(tokens, dtype, tolerance):

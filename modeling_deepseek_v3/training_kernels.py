@@ -1,0 +1,90 @@
+"""Triton kernels with their own backward for CUDA training (`config.training_kernels`, off by default).
+
+`rms_norm_training`: RMSNorm as one forward and one backward kernel instead of eager ops. The eager
+`DeepseekV3RMSNorm` is seven kernels forward and about ten backward, and autograd keeps a float32 copy of its input
+for backward (4 bytes per element for every norm of every layer); this keeps the input in its own dtype and one
+float32 scale per row. Same math as the eager reference: float32 statistics, the normalized value rounded to the
+input dtype before the weight multiply; the backward treats that rounding as the identity, as autograd does.
+
+Shapes: rows of C features.
+"""
+
+import torch
+
+from .decode_kernels import triton
+
+if triton is not None:
+    import triton.language as tl
+
+    @triton.jit
+    def _rms_norm_forward_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, C, stride_x, eps, BLOCK_C: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK_C)
+        mask = cols < C
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(x * x, axis=0) / C + eps)
+        h = (x * rstd).to(x_ptr.dtype.element_ty)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + row * C + cols, (h.to(tl.float32) * w).to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(rstd_ptr + row, rstd)
+
+    @triton.jit
+    def _rms_norm_backward_kernel(
+        x_ptr, w_ptr, rstd_ptr, dy_ptr, dx_ptr, dw_rows_ptr, C, stride_x, BLOCK_C: tl.constexpr,
+    ):
+        # y = w * round(x * rstd): dw gets dy * round(x * rstd) (summed over rows by the caller), and with
+        # g = dy * w, dx = rstd * (g - x_hat * mean(g * x_hat)), x_hat = x * rstd.
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK_C)
+        mask = cols < C
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + row)
+        dy = tl.load(dy_ptr + row * C + cols, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        x_hat = x * rstd
+        tl.store(dw_rows_ptr + row * C + cols, dy * x_hat.to(x_ptr.dtype.element_ty).to(tl.float32), mask=mask)
+        g = dy * w
+        dx = rstd * (g - x_hat * (tl.sum(g * x_hat, axis=0) / C))
+        tl.store(dx_ptr + row * C + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        C = x.shape[-1]
+        x_2d = x.reshape(-1, C)
+        if x_2d.stride(-1) != 1:
+            x_2d = x_2d.contiguous()
+        rows = x_2d.shape[0]
+        y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
+        block = triton.next_power_of_2(C)
+        warps = min(16, max(1, block // 256))
+        _rms_norm_forward_kernel[(rows,)](x_2d, weight, y, rstd, C, x_2d.stride(0), eps, BLOCK_C=block, num_warps=warps)
+        ctx.save_for_backward(x_2d, weight, rstd)
+        ctx.x_shape, ctx.block, ctx.warps = x.shape, block, warps
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x_2d, weight, rstd = ctx.saved_tensors
+        rows, C = x_2d.shape
+        dy = dy.contiguous()
+        dx = torch.empty(ctx.x_shape, dtype=x_2d.dtype, device=x_2d.device)
+        dw_rows = torch.empty(rows, C, dtype=torch.float32, device=x_2d.device)
+        _rms_norm_backward_kernel[(rows,)](
+            x_2d, weight, rstd, dy, dx, dw_rows, C, x_2d.stride(0), BLOCK_C=ctx.block, num_warps=ctx.warps,
+        )
+        return dx, dw_rows.sum(dim=0).to(weight.dtype), None
+
+
+def rms_norm_training(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`DeepseekV3RMSNorm` of x [..., C] (last dim contiguous, any row stride) with weight [C] in x's dtype -> [...,
+    C] in x's dtype, differentiable in x and weight; saves x and a float32 scale per row for backward."""
+    if weight.dtype != x.dtype or x.stride(-1) != 1:
+        raise ValueError(f"rms_norm_training: expected weight in x's dtype {x.dtype} and a contiguous last dim, "
+                         f"found {weight.dtype}, stride {x.stride(-1)}")
+    return _RMSNorm.apply(x, weight, eps)
+
+
+__all__ = ["rms_norm_training"]
