@@ -36,16 +36,18 @@ def main():
     parser.add_argument("--preset", default="deepseek-v3-lite")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--moe-implementation", default="grouped_mm", choices=["grouped_mm", "eager"],
+                        help="the routed experts' compute (grouped_mm: as in GPU training)")
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("saved_bytes.py: set TRITON_INTERPRET=1 (the fused kernels run in Triton's interpreter)")
     modeling.decode_kernels_available = lambda x: True  # the training switch on CPU tensors
     fields = json.loads((PRESETS / f"{args.preset}.json").read_text())
-    fields.update(num_hidden_layers=args.layers, num_nextn_predict_layers=0, moe_implementation="eager")
+    fields.update(num_hidden_layers=args.layers, num_nextn_predict_layers=0, moe_implementation=args.moe_implementation)
     torch.manual_seed(0)
     model = DeepseekV3ForCausalLM._from_config(DeepseekV3Config(**fields), dtype=torch.bfloat16).train()
     ids = torch.randint(2, model.config.vocab_size, (1, args.tokens))
-    print(f"{args.preset} cut to {args.layers} layers, bf16, {args.tokens} tokens, eager experts")
+    print(f"{args.preset} cut to {args.layers} layers, bf16, {args.tokens} tokens, {args.moe_implementation} experts")
     for setting in (False, True):
         model.config.training_kernels = setting
         mib, loss = saved_mib(model, ids)

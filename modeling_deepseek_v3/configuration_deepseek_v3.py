@@ -132,9 +132,10 @@ class DeepseekV3Config(PretrainedConfig):
             (gate, up and SiLU in one pass). Only plain bias-free `nn.Linear` weights take the kernels (a PEFT
             adapter or a quantized linear runs its own forward). `False` runs the eager reference everywhere.
         training_kernels (`bool`, *optional*, defaults to `False`):
-            With autograd on CUDA, run RMSNorm as a fused Triton kernel with its own backward
-            (`training_kernels.py`: two kernels instead of ~17, and no float32 copy of each norm's input kept for
-            backward). Off by default: its training speed has not been measured against the eager path yet.
+            With autograd on CUDA, run RMSNorm and the SiLU-gated activation (`silu(gate) * up` of the MLPs and the
+            grouped experts) as fused Triton kernels with their own backward (`training_kernels.py`): fewer kernels,
+            and no float32 copy of each norm's input nor `silu(gate)` kept for backward. Off by default: their
+            training speed has not been measured against the eager path yet.
     """
 
     model_type = "deepseek_v3"

@@ -46,7 +46,7 @@ from .decode_kernels import (
     silu_gate_up,
 )
 from .moe_kernels import expert_down, expert_gate_up_act, triton_moe_available
-from .training_kernels import rms_norm_training
+from .training_kernels import rms_norm_training, silu_mul_training
 from .official_checkpoint import fp8_quantization_config, load_fp8_checkpoint
 
 register_official_layout()
@@ -530,6 +530,14 @@ def _inference_chunks(module: nn.Module, n_tokens: int) -> int | None:
     return chunk
 
 
+def _gated_activation(config: DeepseekV3Config, gate: torch.Tensor, up: torch.Tensor, act_fn) -> torch.Tensor:
+    """`act_fn(gate) * up`; with `config.training_kernels` in CUDA training and SiLU, one Triton kernel each way
+    (`training_kernels.silu_mul_training`)."""
+    if config.hidden_act == "silu" and _use_training_kernels(config, gate) and gate.dtype == up.dtype:
+        return silu_mul_training(gate, up)
+    return act_fn(gate) * up
+
+
 class DeepseekV3MLP(nn.Module):
     """Gated MLP `down(act(gate(x)) * up(x))`: the dense layers and the shared experts. With `decode_kernels`, a
     few tokens in CUDA inference run gate, up and SiLU as one Triton pass (`decode_kernels.silu_gate_up`) and
@@ -560,7 +568,7 @@ class DeepseekV3MLP(nn.Module):
             self.up_proj, x
         ):
             return _decode_linear(self.down_proj, silu_gate_up(x, self.gate_proj.weight, self.up_proj.weight), True)
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(_gated_activation(self.config, self.gate_proj(x), self.up_proj(x), self.act_fn))
 
 
 class DeepseekV3TopkRouter(nn.Module):
@@ -809,7 +817,8 @@ class DeepseekV3Experts(nn.Module):
         x_sorted = x_TD[token].to(dtype)
         gate_up = _grouped_mm(x_sorted, self.gate_up_proj.to(dtype).transpose(1, 2), offs=offsets)
         gate, up = gate_up.chunk(2, dim=-1)
-        y = _grouped_mm(self.act_fn(gate) * up, self.down_proj.to(dtype).transpose(1, 2), offs=offsets)
+        y = _grouped_mm(_gated_activation(self.config, gate, up, self.act_fn), self.down_proj.to(dtype).transpose(1, 2),
+                        offs=offsets)
         return _WeightedCombine.apply(y, topk_weight_TK.reshape(-1)[order], token, x_TD.shape[0])
 
 

@@ -6,7 +6,11 @@ for backward (4 bytes per element for every norm of every layer); this keeps the
 float32 scale per row. Same math as the eager reference: float32 statistics, the normalized value rounded to the
 input dtype before the weight multiply; the backward treats that rounding as the identity, as autograd does.
 
-Shapes: rows of C features.
+`silu_mul_training`: the gated activation `silu(gate) * up` of the dense MLPs, the shared experts and the grouped
+routed experts as one forward and one backward kernel; autograd keeps gate and up (the halves of one projection
+output) and recomputes the SiLU, where the eager ops also keep `silu(gate)`.
+
+Shapes: rows of C features (N for the activation's width).
 """
 
 import torch
@@ -48,6 +52,63 @@ if triton is not None:
         tl.store(dx_ptr + row * C + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
+    @triton.jit
+    def _silu_mul_forward_kernel(g_ptr, u_ptr, h_ptr, N, stride_g, stride_u, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < N
+        g = tl.load(g_ptr + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
+        # The eager roundings: silu(gate) to the activation dtype, then the product.
+        s = (g / (1.0 + tl.exp(-g))).to(h_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(h_ptr + row * N + cols, (s * u).to(h_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _silu_mul_backward_kernel(g_ptr, u_ptr, dh_ptr, dg_ptr, du_ptr, N, stride_g, stride_u, BLOCK: tl.constexpr):
+        # h = silu(g) * u: du = dh * silu(g), dg = dh * u * sigmoid(g) * (1 + g * (1 - sigmoid(g))).
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < N
+        g = tl.load(g_ptr + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
+        dh = tl.load(dh_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+        sig = 1.0 / (1.0 + tl.exp(-g))
+        s = (g * sig).to(du_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(du_ptr + row * N + cols, (dh * s).to(du_ptr.dtype.element_ty), mask=mask)
+        dg = dh * u * sig * (1.0 + g * (1.0 - sig))
+        tl.store(dg_ptr + row * N + cols, dg.to(dg_ptr.dtype.element_ty), mask=mask)
+
+
+SILU_MUL_BLOCK = 1024
+
+
+class _SiluMul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up):
+        N = gate.shape[-1]
+        g_2d, u_2d = gate.reshape(-1, N), up.reshape(-1, N)
+        rows = g_2d.shape[0]
+        h = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+        grid = (rows, triton.cdiv(N, SILU_MUL_BLOCK))
+        _silu_mul_forward_kernel[grid](g_2d, u_2d, h, N, g_2d.stride(0), u_2d.stride(0), BLOCK=SILU_MUL_BLOCK,
+                                       num_warps=4)
+        ctx.save_for_backward(g_2d, u_2d)
+        ctx.shape = gate.shape
+        return h
+
+    @staticmethod
+    def backward(ctx, dh):
+        g_2d, u_2d = ctx.saved_tensors
+        rows, N = g_2d.shape
+        dh = dh.contiguous()
+        dg = torch.empty(ctx.shape, dtype=g_2d.dtype, device=g_2d.device)
+        du = torch.empty(ctx.shape, dtype=u_2d.dtype, device=u_2d.device)
+        grid = (rows, triton.cdiv(N, SILU_MUL_BLOCK))
+        _silu_mul_backward_kernel[grid](g_2d, u_2d, dh, dg, du, N, g_2d.stride(0), u_2d.stride(0),
+                                        BLOCK=SILU_MUL_BLOCK, num_warps=4)
+        return dg, du
+
+
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
@@ -87,4 +148,13 @@ def rms_norm_training(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torc
     return _RMSNorm.apply(x, weight, eps)
 
 
-__all__ = ["rms_norm_training"]
+def silu_mul_training(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """`silu(gate) * up` for gate, up [..., N] of one dtype (last dim contiguous, any row stride: the two halves of
+    a fused gate/up output) -> [..., N], differentiable in both; saves gate and up for backward, not silu(gate)."""
+    if gate.shape != up.shape or gate.dtype != up.dtype or gate.stride(-1) != 1 or up.stride(-1) != 1:
+        raise ValueError(f"silu_mul_training: expected gate and up of one shape and dtype with a contiguous last dim, "
+                         f"found {tuple(gate.shape)} {gate.dtype} and {tuple(up.shape)} {up.dtype}")
+    return _SiluMul.apply(gate, up)
+
+
+__all__ = ["rms_norm_training", "silu_mul_training"]

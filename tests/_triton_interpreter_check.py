@@ -85,6 +85,21 @@ def main():
         assert relative_max_diff(fused, eager) < tolerance
         assert relative_max_diff(projected_fused.grad, projected_eager.grad) < tolerance
         assert relative_max_diff(norm.weight.grad, eager_dw) < tolerance
+    # Training SiLU-gated activation on the two halves of one gate/up output (row stride 2N), against eager autograd.
+    from modeling_deepseek_v3.training_kernels import silu_mul_training
+
+    for dtype, tolerance in ((torch.float32, TOLERANCE), (torch.bfloat16, 2e-2)):
+        gate_up_eager = torch.randn(2, 5, 2 * 48, dtype=dtype, requires_grad=True)
+        gate_up_fused = gate_up_eager.detach().clone().requires_grad_()
+        dh = torch.randn(2, 5, 48, dtype=dtype)
+        gate, up = gate_up_eager.chunk(2, dim=-1)
+        eager = torch.nn.functional.silu(gate) * up
+        eager.backward(dh)
+        fused = silu_mul_training(*gate_up_fused.chunk(2, dim=-1))
+        fused.backward(dh)
+        assert relative_max_diff(fused, eager) < tolerance
+        assert relative_max_diff(gate_up_fused.grad, gate_up_eager.grad) < tolerance
+
     saved = []
     x = torch.randn(32, 64, dtype=torch.bfloat16, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t):

@@ -58,7 +58,7 @@ def _triton_or_skip():
 
 
 def test_triton_kernels_compile_for_hopper_without_a_gpu(monkeypatch):
-    """Every Triton kernel of a decode step (PDL variants included) and the training RMSNorm compile to sm_90a
+    """Every Triton kernel of a decode step (PDL variants included) and the training kernels compile to sm_90a
     machine code (the Hopper build), from real wrapper calls on CPU tensors: the launch is replaced by an
     ahead-of-time compile."""
     triton = _triton_or_skip()
@@ -67,7 +67,7 @@ def test_triton_kernels_compile_for_hopper_without_a_gpu(monkeypatch):
     from triton.runtime.jit import JITFunction
 
     from modeling_deepseek_v3 import decode_kernels, moe_kernels
-    from modeling_deepseek_v3.training_kernels import rms_norm_training
+    from modeling_deepseek_v3.training_kernels import rms_norm_training, silu_mul_training
 
     types = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.int64: "i64"}
     compiled = set()
@@ -115,12 +115,14 @@ def test_triton_kernels_compile_for_hopper_without_a_gpu(monkeypatch):
                             t(64, 2048, 1408), experts)
     x = t(8, 2048).requires_grad_()
     rms_norm_training(x, t(2048).requires_grad_(), 1e-6).backward(t(8, 2048))  # the training kernels, both ways
-    assert len(compiled) == 16, sorted(compiled)
+    gate_up = t(8, 2816).requires_grad_()
+    silu_mul_training(*gate_up.chunk(2, dim=-1)).backward(t(8, 1408))
+    assert len(compiled) == 18, sorted(compiled)
 
 
 def test_triton_kernels_equal_the_eager_ops_in_the_triton_interpreter():
     """The kernels' math on CPU tensors through Triton's interpreter (tests/_triton_interpreter_check.py): the
-    loop-free decode kernels, and the training RMSNorm forward and backward against the eager module's autograd."""
+    loop-free decode kernels, and the training kernels' forward and backward against eager autograd."""
     _triton_or_skip()
     env = dict(os.environ, TRITON_INTERPRET="1", DEEPSEEK_V3_PDL="0")
     script = Path(__file__).with_name("_triton_interpreter_check.py")
