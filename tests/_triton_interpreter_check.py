@@ -44,6 +44,11 @@ def main():
     assert relative_max_diff(cache_c[:, 2:4], kv_norm(c_kv_new)) < TOLERANCE
     assert relative_max_diff(cache_k[:, 2:4], k_pe_reference) < TOLERANCE
     assert not cache_c[:, [0, 1, 4]].any() and not cache_k[:, [0, 1, 4]].any()
+    cache_c, cache_k = torch.zeros(B, 5, L), torch.zeros(B, 5, R)  # a full cache: the second token has no slot
+    kernels.latent_norm_rope(projected, q_norm.weight, kv_norm.weight, 1e-6, cos, sin,
+                             cache=(cache_c, cache_k, torch.tensor(4)))
+    assert relative_max_diff(cache_c[:, 4], kv_norm(c_kv_new)[:, 0]) < TOLERANCE
+    assert not cache_c[:, :4].any() and not cache_k[:, :4].any()
 
     # Absorbed query: q_nope @ W_UK and the RoPE of q_pe.
     H, N, V = 4, 16, 16
