@@ -99,9 +99,10 @@ def decode_rows(args) -> list[tuple[int, int]]:
     return [(c, 1) for c in args.context] + [(args.batch_context, b) for b in args.batch if b != 1]
 
 
-def timed(fn, repeats: int) -> float:
-    """Median seconds of `fn()` over `repeats` runs (one warm-up), CUDA-event timed."""
-    fn()
+def timed(fn, repeats: int, warmup: int = 1) -> float:
+    """Median seconds of `fn()` over `repeats` runs after `warmup` untimed ones, CUDA-event timed."""
+    for _ in range(warmup):
+        fn()
     torch.cuda.synchronize()
     times = []
     for _ in range(repeats):

@@ -18,11 +18,11 @@ default compares without it); the built-in computes the LM loss.
 import argparse
 import gc
 import json
-import statistics
 from pathlib import Path
 
 import torch
 import transformers
+from bench_generate import timed
 
 from modeling_deepseek_v3 import DeepseekV3Config, DeepseekV3ForCausalLM
 from modeling_deepseek_v3.training import peak_bf16_flops, set_activation_checkpointing, training_flops_per_token
@@ -55,16 +55,8 @@ def measure(model, args, vocab: int) -> dict:
         for _ in range(args.warmup):
             step()
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        times = []
-        for _ in range(args.steps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        seconds = statistics.median(times)
+        torch.cuda.reset_peak_memory_stats()  # the peak of the timed steps, after the warm-ups' compilation
+        seconds = timed(step, args.steps, warmup=0)
         key = "checkpointing" if checkpointing else "plain"
         results[key] = {"tokens_per_s": args.batch * args.seq / seconds, "step_ms": seconds * 1e3,
                         "peak_gib": torch.cuda.max_memory_allocated() / 2**30}

@@ -13,11 +13,10 @@ the bandwidth achieved on the weight bytes read, against the device-to-device co
 import argparse
 import itertools
 import json
-import statistics
 from pathlib import Path
 
 import torch
-from bench_generate import copy_bandwidth
+from bench_generate import copy_bandwidth, timed
 
 from modeling_deepseek_v3 import decode_kernels, moe_kernels
 
@@ -34,16 +33,7 @@ def graph_time(fn, repeats=10) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    graph.replay()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
+    return timed(graph.replay, repeats)
 
 
 def sweep(name, run, nbytes, tiles, calls, current):
