@@ -31,7 +31,7 @@ import transformers
 from transformers import StaticCache
 
 from modeling_deepseek_v3 import DeepseekV3Config, DeepseekV3ForCausalLM
-from modeling_deepseek_v3.modeling_deepseek_v3 import DecodeGraph
+from modeling_deepseek_v3.modeling_deepseek_v3 import CACHE_FIELD, DecodeGraph
 
 PRESETS = Path(__file__).resolve().parent.parent / "configuration"
 
@@ -158,7 +158,7 @@ def measure(model, args, vocab) -> dict:
                     cache = static
                 mask = torch.ones(batch, context_len, dtype=torch.long, device="cuda")
                 out = model(context, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
-                cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+                cache, token = getattr(out, CACHE_FIELD), out.logits[:, -1].argmax(-1, keepdim=True)
                 torch.cuda.synchronize()
                 start = time.perf_counter()
                 for _ in range(args.decode_steps):
@@ -177,7 +177,7 @@ def measure(model, args, vocab) -> dict:
             out = model(context, attention_mask=mask[:, :-1], use_cache=True, logits_to_keep=1)
             token = out.logits[:, -1].argmax(-1, keepdim=True)
             results[f"weight_bytes_b{batch}_c{context_len}"] = weight_bytes_read(
-                model, model.config, lambda: model(token, attention_mask=mask, past_key_values=out.past_key_values)
+                model, model.config, lambda: model(token, attention_mask=mask, past_key_values=getattr(out, CACHE_FIELD))
             )
             del out
 

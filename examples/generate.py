@@ -22,6 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
 
 import modeling_deepseek_v3  # registers the classes with the Auto API
+from modeling_deepseek_v3.modeling_deepseek_v3 import CACHE_FIELD
 
 PRESETS = Path(__file__).resolve().parent.parent / "configuration"
 
@@ -96,7 +97,7 @@ def main():
             text = tokenizer.decode(new_tokens) if tokenizer is not None else " ".join(map(str, new_tokens.tolist()))
             if streamer is None:
                 print(f"[{name}] {text}")
-            cache = out.past_key_values
+            cache = getattr(out, CACHE_FIELD)  # `cache` in newer transformers, `past_key_values` in 5.17
             cache_bytes = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
             print(f"[{name}] {len(new_tokens)} tokens in {elapsed:.2f} s; latent cache {cache_bytes / 1024:.1f} KiB "
                   f"for {cache.get_seq_length()} tokens x {len(cache.layers)} layers")

@@ -139,7 +139,7 @@ class DeepseekV3Config(PretrainedConfig):
     """
 
     model_type = "deepseek_v3"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
     attribute_map = {"num_local_experts": "n_routed_experts"}
 
     def __init__(

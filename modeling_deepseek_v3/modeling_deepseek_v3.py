@@ -51,6 +51,18 @@ from .official_checkpoint import fp8_quantization_config, load_fp8_checkpoint
 
 register_official_layout()
 
+# Newer transformers 5.x (5.24 on) name the cache `cache` in forward arguments and output fields; 5.17 names it
+# `past_key_values`. The public forwards accept both names and the outputs use the installed version's field.
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _the_cache(past_key_values: Cache | None, cache: Cache | None) -> Cache | None:
+    """The one cache passed as `past_key_values` (transformers 5.17) or `cache` (newer)."""
+    if past_key_values is not None and cache is not None and past_key_values is not cache:
+        raise ValueError("pass the KV cache once, as `cache` or as `past_key_values`, not two different caches")
+    return cache if cache is not None else past_key_values
+
+
 # `torch.nn.functional.grouped_mm` (public from torch 2.10) or its private predecessor (torch 2.8-2.9).
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
@@ -1115,7 +1127,7 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["DeepseekV3DecoderLayer", "DeepseekV3MTPLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_sdpa = True
     _supports_flash_attn = False
     _supports_flex_attn = False
@@ -1343,6 +1355,7 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         past_key_values: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> DeepseekV3ModelOutputWithPast:
         """Run the main decoder stack.
@@ -1352,9 +1365,12 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
             attention_mask: [B, S] padding mask over past + new tokens (1 = token), or a 4D mask.
             position_ids: [B, T]; by default counted from the padding mask (left padding starts at 0) or from the
                 cache length.
-            past_key_values: a transformers `Cache`; layer i stores c_kv [B, 1, S, L] and k_pe [B, 1, S, R].
-        Returns `last_hidden_state` [B, T, D] (after the final norm), the cache and the balance loss.
+            past_key_values / cache: a transformers `Cache` (either name: transformers 5.17 passes the first, newer
+                versions the second); layer i stores c_kv [B, 1, S, L] and k_pe [B, 1, S, R].
+        Returns `last_hidden_state` [B, T, D] (after the final norm), the cache (field `CACHE_FIELD`) and the
+        balance loss.
         """
+        past_key_values = _the_cache(past_key_values, cache)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("DeepseekV3Model.forward: pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -1412,7 +1428,7 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
             if layer_aux is not None:
                 aux_loss = layer_aux if aux_loss is None else aux_loss + layer_aux
         return DeepseekV3ModelOutputWithPast(
-            last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values, aux_loss=aux_loss
+            last_hidden_state=self.norm(hidden_states), aux_loss=aux_loss, **{CACHE_FIELD: past_key_values}
         )
 
 
@@ -1451,7 +1467,7 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
-    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, past_key_values, **kwargs):
+    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, **kwargs):
         """`generate()` with a static cache asks the model for its mask: the 2D padding mask is all the forward
         needs (it builds the latent-attention bias itself)."""
         return attention_mask
@@ -1466,6 +1482,7 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        cache: Cache | None = None,
         **kwargs,
     ) -> DeepseekV3CausalLMOutputWithPast:
         """Logits [B, T, vocab] (or the last `logits_to_keep` positions) and, with `labels` [B, T] (-100 = ignore;
@@ -1473,13 +1490,15 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
 
         The MTP modules run when labels are given, `num_nextn_predict_layers > 0` and `mtp_loss_weight > 0`: depth
         k sees h^{k-1} at positions i < T - k and the embedding of token i + k, and is scored on token i + k + 1.
+        The cache comes as `past_key_values` or `cache` and is returned in the field named by `CACHE_FIELD`.
         """
+        past_key_values = _the_cache(past_key_values, cache)
         if labels is None and inputs_embeds is None and self._can_replay_decode(
             input_ids, attention_mask, past_key_values, use_cache
         ):
             graph = self._decode_graph(past_key_values, input_ids.shape[0])
             logits = graph.replay(input_ids, attention_mask, position_ids)
-            return DeepseekV3CausalLMOutputWithPast(logits=logits, past_key_values=past_key_values)
+            return DeepseekV3CausalLMOutputWithPast(logits=logits, **{CACHE_FIELD: past_key_values})
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -1515,11 +1534,11 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         return DeepseekV3CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             lm_loss=lm_loss,
             mtp_loss=mtp_loss,
             aux_loss=aux_loss,
             mtp_logits=mtp_logits,
+            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
         )
 
     def _can_replay_decode(self, input_ids, attention_mask, past_key_values, use_cache) -> bool:

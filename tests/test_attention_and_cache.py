@@ -6,6 +6,8 @@ import transformers
 from _helpers import random_model, relative_max_diff, tiny_config
 from transformers import DynamicCache
 
+from modeling_deepseek_v3.modeling_deepseek_v3 import CACHE_FIELD
+
 
 def prompt(batch=2, length=12, seed=0):
     return torch.randint(2, 512, (batch, length), generator=torch.Generator().manual_seed(seed))
@@ -48,7 +50,7 @@ def test_latent_cache_holds_kv_lora_rank_plus_rope_dims_per_token(dtype, nbytes)
     model = random_model(config, dtype=dtype)
     ids = prompt(batch=3, length=7)
     with torch.no_grad():
-        cache = model(ids, use_cache=True).past_key_values
+        cache = getattr(model(ids, use_cache=True), CACHE_FIELD)
     assert len(cache.layers) == config.num_hidden_layers
     per_token_per_layer = config.kv_lora_rank + config.qk_rope_head_dim
     for layer in cache.layers:
@@ -63,7 +65,7 @@ def test_cache_holds_the_normalized_latent_and_the_rotated_rope_key():
     model = random_model(tiny_config())
     ids = prompt(batch=1, length=5)
     with torch.no_grad():
-        cache = model(ids, use_cache=True).past_key_values
+        cache = getattr(model(ids, use_cache=True), CACHE_FIELD)
         attn = model.model.layers[0].self_attn
         x = model.model.layers[0].input_layernorm(model.model.embed_tokens(ids))
         c_kv, k_pe = attn.kv_a_proj_with_mqa(x).split([attn.kv_lora_rank, attn.qk_rope_head_dim], dim=-1)
@@ -119,7 +121,7 @@ def test_cropped_cache_continues_like_a_fresh_prefill():
     model = random_model(tiny_config(), seed=8)
     ids = prompt(batch=1, length=10)
     with torch.no_grad():
-        cache = model(ids, use_cache=True).past_key_values
+        cache = getattr(model(ids, use_cache=True), CACHE_FIELD)
         cache.crop(-4)  # drop the last 4 tokens
         assert cache.get_seq_length() == 6
         continued = model(ids[:, 6:], past_key_values=cache).logits

@@ -5,6 +5,7 @@ import torch
 from _helpers import LargestAllocation, random_model, relative_max_diff, tiny_config
 
 from modeling_deepseek_v3.modeling_deepseek_v3 import (
+    CACHE_FIELD,
     DeepseekV3Experts,
     DeepseekV3MLP,
     DeepseekV3MoE,
@@ -216,8 +217,8 @@ def test_auto_uses_gather_for_decode_sized_batches_and_matches_eager_model():
     with torch.no_grad():
         a = auto(ids, use_cache=True)
         b = eager(ids, use_cache=True)
-        step_a = auto(ids[:, :1], past_key_values=a.past_key_values).logits
-        step_b = eager(ids[:, :1], past_key_values=b.past_key_values).logits
+        step_a = auto(ids[:, :1], past_key_values=getattr(a, CACHE_FIELD)).logits
+        step_b = eager(ids[:, :1], past_key_values=getattr(b, CACHE_FIELD)).logits
     assert relative_max_diff(step_a, step_b) < 1e-5
     assert calls  # 1 token x 4 experts <= 16 experts: gather
 
