@@ -45,7 +45,7 @@ from .decode_kernels import (
     router_scores,
     silu_gate_up,
 )
-from .moe_kernels import expert_down, expert_gate_up_act, triton_moe_available
+from .moe_kernels import combine_sorted_pairs, expert_down, expert_gate_up_act, triton_moe_available
 from .training_kernels import rms_norm_training, silu_mul_training
 from .official_checkpoint import fp8_quantization_config, load_fp8_checkpoint
 
@@ -92,6 +92,15 @@ def _use_training_kernels(config: DeepseekV3Config | None, x: torch.Tensor) -> b
         and decode_kernels_available(x)
         and not torch.compiler.is_compiling()
     )
+
+
+def _use_fused_kernels(config: DeepseekV3Config | None, module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether the Triton kernels that serve inference and training alike (the gated activation, the combine of the
+    grouped experts) apply to `x`: under `config.training_kernels` with autograd on, else under
+    `config.decode_kernels` (CUDA inference)."""
+    if torch.is_grad_enabled():
+        return _use_training_kernels(config, x)
+    return _use_decode_kernels(config, module, x)
 
 
 def _plain_weight(linear: nn.Module, x: torch.Tensor) -> bool:
@@ -542,12 +551,13 @@ def _inference_chunks(module: nn.Module, n_tokens: int) -> int | None:
     return chunk
 
 
-def _gated_activation(config: DeepseekV3Config, gate: torch.Tensor, up: torch.Tensor, act_fn) -> torch.Tensor:
-    """`act_fn(gate) * up`; with `config.training_kernels` in CUDA training and SiLU, one Triton kernel each way
-    (`training_kernels.silu_mul_training`)."""
-    if config.hidden_act == "silu" and _use_training_kernels(config, gate) and gate.dtype == up.dtype:
+def _gated_activation(module: nn.Module, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """`module.act_fn(gate) * up`; for SiLU where `_use_fused_kernels` applies, one Triton kernel each way
+    (`training_kernels.silu_mul_training`, same roundings)."""
+    config = module.config
+    if config.hidden_act == "silu" and gate.dtype == up.dtype and _use_fused_kernels(config, module, gate):
         return silu_mul_training(gate, up)
-    return act_fn(gate) * up
+    return module.act_fn(gate) * up
 
 
 class DeepseekV3MLP(nn.Module):
@@ -580,7 +590,7 @@ class DeepseekV3MLP(nn.Module):
             self.up_proj, x
         ):
             return _decode_linear(self.down_proj, silu_gate_up(x, self.gate_proj.weight, self.up_proj.weight), True)
-        return self.down_proj(_gated_activation(self.config, self.gate_proj(x), self.up_proj(x), self.act_fn))
+        return self.down_proj(_gated_activation(self, self.gate_proj(x), self.up_proj(x)))
 
 
 class DeepseekV3TopkRouter(nn.Module):
@@ -611,6 +621,16 @@ class DeepseekV3TopkRouter(nn.Module):
         # under `tracking_expert_load()`), with a scatter-add that needs no host sync.
         self.register_buffer("expert_load", torch.zeros(self.n_routed_experts, dtype=torch.float32), persistent=False)
         self.track_load = False
+
+    def _apply(self, fn, recurse=True):
+        # `model.to(torch.bfloat16)` casts every floating buffer. The token counts (bf16 counts exactly only up to
+        # 256) and the balancing bias (it decides top-k by differences far below bf16 resolution) stay float32.
+        super()._apply(fn, recurse)
+        for name in ("expert_load", "e_score_correction_bias"):
+            buffer = self._buffers.get(name)
+            if buffer is not None and buffer.dtype != torch.float32:
+                self._buffers[name] = buffer.float()
+        return self
 
     def forward(
         self, x_TD: torch.Tensor, token_mask_T: torch.Tensor | None = None
@@ -829,9 +849,8 @@ class DeepseekV3Experts(nn.Module):
         x_sorted = x_TD[token].to(dtype)
         gate_up = _grouped_mm(x_sorted, self.gate_up_proj.to(dtype).transpose(1, 2), offs=offsets)
         gate, up = gate_up.chunk(2, dim=-1)
-        y = _grouped_mm(_gated_activation(self.config, gate, up, self.act_fn), self.down_proj.to(dtype).transpose(1, 2),
-                        offs=offsets)
-        return _WeightedCombine.apply(y, topk_weight_TK.reshape(-1)[order], token, x_TD.shape[0])
+        y = _grouped_mm(_gated_activation(self, gate, up), self.down_proj.to(dtype).transpose(1, 2), offs=offsets)
+        return combine_sorted_outputs(self, y, order, token, topk_weight_TK)
 
 
 def sort_by_expert(topk_idx_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -843,6 +862,20 @@ def sort_by_expert(topk_idx_TK: torch.Tensor, num_experts: int) -> tuple[torch.T
     counts_E = torch.zeros(num_experts, dtype=torch.int32, device=flat_expert.device)
     counts_E.scatter_add_(0, flat_expert, torch.ones_like(flat_expert, dtype=torch.int32))
     return order_P, order_P // topk_idx_TK.shape[1], torch.cumsum(counts_E, dim=0, dtype=torch.int32)
+
+
+def combine_sorted_outputs(module: nn.Module, y_PD: torch.Tensor, order_P: torch.Tensor, token_P: torch.Tensor,
+                           topk_weight_TK: torch.Tensor) -> torch.Tensor:
+    """float32 [T, D]: each token's K expert outputs, `y_PD` [T*K, D] in the expert order of `sort_by_expert`
+    (order_P, token_P), weighted by `topk_weight_TK` [T, K] and summed in float32. Where `_use_fused_kernels`
+    applies to `module`, one Triton kernel each way (`moe_kernels.combine_sorted_pairs`: each token reads its rows
+    in place); else `_WeightedCombine`, the reference (a float32 copy of the weighted rows and a scatter-add)."""
+    T, K = topk_weight_TK.shape
+    if _use_fused_kernels(module.config, module, y_PD):
+        # position_TK[t, k]: the sorted row of pair t * K + k (the inverse of the sort's permutation).
+        position_P = torch.empty_like(order_P).scatter_(0, order_P, torch.arange(order_P.numel(), device=order_P.device))
+        return combine_sorted_pairs(y_PD, position_P.view(T, K), topk_weight_TK)
+    return _WeightedCombine.apply(y_PD, topk_weight_TK.reshape(-1)[order_P], token_P, T)
 
 
 class _WeightedCombine(torch.autograd.Function):

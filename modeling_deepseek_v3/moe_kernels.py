@@ -10,6 +10,11 @@ kernels index the fused expert tensors in place, so each chosen expert's weights
 
 Accumulation is float32. `DeepseekV3Experts` uses them for `moe_implementation="triton"` (and "auto" on CUDA at
 decode sizes); `_forward_eager` is the reference they are tested against.
+
+One more kernel pair serves the grouped-GEMM path (prefill and training), where the expert outputs arrive sorted by
+expert: `combine_sorted_pairs` sums each token's K weighted outputs in float32, reading each token's rows where they
+sit (no float32 copy of the weighted rows, no atomic scatter-add), with a backward that writes the rows' gradient
+and the weights' gradient in one pass. `modeling_deepseek_v3._WeightedCombine` is its eager reference.
 """
 
 import torch
@@ -84,6 +89,86 @@ if triton is not None:
         tl.store(out_ptr + pair * stride_op + rows, acc, mask=row_mask)
 
 
+    @triton.jit
+    def _combine_forward_kernel(
+        y_ptr, position_ptr, w_ptr, out_ptr, stride_y, stride_o,
+        K: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        # out[t] = sum_k w[t, k] * y[position[t, k]], float32, k in order (one program per token and column tile).
+        token = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask = cols < D
+        acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        for k in tl.static_range(K):
+            row = tl.load(position_ptr + token * K + k).to(tl.int64)
+            w = tl.load(w_ptr + token * K + k).to(tl.float32)
+            acc += w * tl.load(y_ptr + row * stride_y + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + token * stride_o + cols, acc, mask=mask)
+
+    @triton.jit
+    def _combine_backward_kernel(
+        grad_ptr, y_ptr, position_ptr, w_ptr, grad_y_ptr, grad_w_ptr, stride_g, stride_y,
+        K: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        # One program per (token, slot) pair p = t * K + k, its row r = position[p]: grad_y[r] = w[p] * grad[t]
+        # (rounded to y's dtype) and grad_w[p] = grad[t] . y[r] (float32).
+        pair = tl.program_id(0).to(tl.int64)
+        token = pair // K
+        row = tl.load(position_ptr + pair).to(tl.int64)
+        w = tl.load(w_ptr + pair).to(tl.float32)
+        acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        for start in tl.static_range(0, D, BLOCK_D):
+            cols = start + tl.arange(0, BLOCK_D)
+            mask = cols < D
+            g = tl.load(grad_ptr + token * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+            y = tl.load(y_ptr + row * stride_y + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(grad_y_ptr + row * stride_y + cols, (g * w).to(grad_y_ptr.dtype.element_ty), mask=mask)
+            acc += g * y
+        tl.store(grad_w_ptr + pair, tl.sum(acc, axis=0))
+
+
+COMBINE_BLOCK_D = 1024  # columns per program (forward) or per step (backward); 4 warps
+
+
+class _CombineSortedPairs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y_PD, position_TK, w_TK):
+        T, K = position_TK.shape
+        D = y_PD.shape[1]
+        out_TD = torch.empty(T, D, dtype=torch.float32, device=y_PD.device)
+        _combine_forward_kernel[(T, triton.cdiv(D, COMBINE_BLOCK_D))](
+            y_PD, position_TK, w_TK, out_TD, y_PD.stride(0), out_TD.stride(0), K=K, D=D, BLOCK_D=COMBINE_BLOCK_D,
+            num_warps=4,
+        )
+        ctx.save_for_backward(y_PD, position_TK, w_TK)
+        return out_TD
+
+    @staticmethod
+    def backward(ctx, grad_TD):
+        y_PD, position_TK, w_TK = ctx.saved_tensors
+        T, K = position_TK.shape
+        grad_TD = grad_TD.contiguous()
+        grad_y = torch.empty_like(y_PD)
+        grad_w = torch.empty(T, K, dtype=torch.float32, device=y_PD.device)
+        _combine_backward_kernel[(T * K,)](
+            grad_TD, y_PD, position_TK, w_TK, grad_y, grad_w, grad_TD.stride(0), y_PD.stride(0),
+            K=K, D=y_PD.shape[1], BLOCK_D=COMBINE_BLOCK_D, num_warps=4,
+        )
+        return grad_y, None, grad_w.to(w_TK.dtype)
+
+
+def combine_sorted_pairs(y_PD: torch.Tensor, position_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
+    """y_PD [T*K, D] (the expert outputs in expert-sorted order), position_TK [T, K] (the row of y_PD that holds
+    token t's k-th expert output), w_TK [T, K] (routing weights) -> float32 [T, D],
+    `out[t] = sum_k w[t, k] * y[position[t, k]]`; differentiable in y_PD and w_TK."""
+    if y_PD.dim() != 2 or position_TK.numel() != y_PD.shape[0] or w_TK.shape != position_TK.shape:
+        raise ValueError(f"combine_sorted_pairs: expected y [T*K, D], position and weights [T, K]; found y "
+                         f"{tuple(y_PD.shape)}, position {tuple(position_TK.shape)}, weights {tuple(w_TK.shape)}")
+    if position_TK.shape[0] == 0:  # (a grid of zero programs does not launch)
+        return y_PD.new_zeros(0, y_PD.shape[1], dtype=torch.float32)
+    return _CombineSortedPairs.apply(y_PD.contiguous(), position_TK.contiguous(), w_TK.contiguous())
+
+
 # Tiles (rows per program, columns per step, warps) of the two kernels, the fastest of a sweep on one H100 at the
 # V3-Lite decode shapes (`benchmarks/tune_decode_kernels.py`, K=6 experts of one token): gate/up 24.9 us a layer
 # (2.78 TB/s) against 32.4 us for (16, 256, 4); down 13.8 us (2.50 TB/s) against 16.8 us.
@@ -123,4 +208,4 @@ def expert_down(h_PI: torch.Tensor, down_proj: torch.Tensor, flat_expert: torch.
     return out
 
 
-__all__ = ["expert_down", "expert_gate_up_act", "triton_moe_available"]
+__all__ = ["combine_sorted_pairs", "expert_down", "expert_gate_up_act", "triton_moe_available"]

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
-from .modeling_deepseek_v3 import DeepseekV3Experts, _grouped_mm, _WeightedCombine, expert_loop, sort_by_expert
+from .modeling_deepseek_v3 import DeepseekV3Experts, _grouped_mm, combine_sorted_outputs, expert_loop, sort_by_expert
 
 
 def _bitsandbytes():
@@ -344,7 +344,7 @@ class DeepseekV3QuantizedExperts(nn.Module):
         y_PD = _Frozen4bitGroupedMM.apply(h_PI, offsets_E, down, down_chunks, dtype)
         if down_delta is not None:
             y_PD = y_PD + down_delta(h_PI, offsets_E).to(dtype)
-        return _WeightedCombine.apply(y_PD, topk_weight_TK.reshape(-1)[order_P], token_P, x_TD.shape[0])
+        return combine_sorted_outputs(self, y_PD, order_P, token_P, topk_weight_TK)
 
     def _chunks(self, per_chunk: int, ends: list | None):
         if per_chunk >= self.num_experts:

@@ -105,6 +105,28 @@ def main():
         assert relative_max_diff(fused, eager) < tolerance
         assert relative_max_diff(gate_up_fused.grad, gate_up_eager.grad) < tolerance
 
+    # The grouped experts' combine (expert-sorted rows -> tokens), forward and backward, against its eager reference.
+    from modeling_deepseek_v3.modeling_deepseek_v3 import _WeightedCombine, sort_by_expert
+    from modeling_deepseek_v3.moe_kernels import combine_sorted_pairs
+
+    for dtype, tolerance in ((torch.float32, TOLERANCE), (torch.bfloat16, 1e-2)):
+        T, K, E, D = 5, 3, 8, 1100  # D past one 1024-column tile
+        topk_idx = torch.stack([torch.randperm(E)[:K] for _ in range(T)])
+        order, token, _ = sort_by_expert(topk_idx, E)
+        position = torch.empty_like(order).scatter_(0, order, torch.arange(T * K)).view(T, K)
+        y_eager = torch.randn(T * K, D, dtype=dtype, requires_grad=True)
+        y_fused = y_eager.detach().clone().requires_grad_()
+        w_eager = torch.rand(T, K, requires_grad=True)
+        w_fused = w_eager.detach().clone().requires_grad_()
+        grad = torch.randn(T, D)
+        eager = _WeightedCombine.apply(y_eager, w_eager.reshape(-1)[order], token, T)
+        eager.backward(grad)
+        fused = combine_sorted_pairs(y_fused, position, w_fused)
+        fused.backward(grad)
+        assert fused.dtype == torch.float32 and relative_max_diff(fused, eager) < TOLERANCE
+        assert relative_max_diff(y_fused.grad, y_eager.grad) < tolerance
+        assert relative_max_diff(w_fused.grad, w_eager.grad) < TOLERANCE
+
     saved = []
     x = torch.randn(32, 64, dtype=torch.bfloat16, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t):

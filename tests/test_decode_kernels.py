@@ -58,7 +58,8 @@ def _triton_or_skip():
 
 
 def test_triton_kernels_compile_for_hopper_without_a_gpu(monkeypatch):
-    """Every Triton kernel of a decode step (PDL variants included) and the training kernels compile to sm_90a
+    """Every Triton kernel of a decode step (PDL variants included), the training kernels and the grouped experts'
+    combine compile to sm_90a
     machine code (the Hopper build), from real wrapper calls on CPU tensors: the launch is replaced by an
     ahead-of-time compile."""
     triton = _triton_or_skip()
@@ -117,7 +118,10 @@ def test_triton_kernels_compile_for_hopper_without_a_gpu(monkeypatch):
     rms_norm_training(x, t(2048).requires_grad_(), 1e-6).backward(t(8, 2048))  # the training kernels, both ways
     gate_up = t(8, 2816).requires_grad_()
     silu_mul_training(*gate_up.chunk(2, dim=-1)).backward(t(8, 1408))
-    assert len(compiled) == 18, sorted(compiled)
+    y = t(48, 2048).requires_grad_()  # the grouped experts' combine, both ways
+    moe_kernels.combine_sorted_pairs(y, torch.randperm(48).view(8, 6), torch.rand(8, 6).requires_grad_()).backward(
+        torch.randn(8, 2048))
+    assert len(compiled) == 20, sorted(compiled)
 
 
 def test_triton_kernels_equal_the_eager_ops_in_the_triton_interpreter():

@@ -49,6 +49,33 @@ def test_float32_experts_under_bf16_autocast_take_grouped_mm_and_match_eager():
     assert experts.gate_up_proj.grad.dtype == torch.float32 and experts.gate_up_proj.grad.abs().sum() > 0
 
 
+@pytest.mark.skipif(_grouped_mm is None, reason="this torch has no grouped_mm (torch < 2.8)")
+def test_grouped_experts_combine_kernel_equals_the_reference_combine():
+    """The Triton combine of the expert-sorted rows (decode_kernels in inference, training_kernels with autograd)
+    against `_WeightedCombine`: outputs, and the gradients of the inputs, weights and routing weights."""
+    config = tiny_config(hidden_size=1040, moe_intermediate_size=128)  # two column tiles, the last partial
+    torch.manual_seed(0)
+    experts = DeepseekV3Experts(config).cuda().bfloat16()
+    torch.nn.init.normal_(experts.gate_up_proj, std=0.05)
+    torch.nn.init.normal_(experts.down_proj, std=0.05)
+    x = torch.randn(300, 1040, device="cuda", dtype=torch.bfloat16)
+    topk_idx = torch.stack([torch.randperm(16, device="cuda")[:4] for _ in range(300)])
+    topk_weight = torch.rand(300, 4, device="cuda")
+    results = []
+    for fused in (True, False):
+        config.decode_kernels = config.training_kernels = fused
+        with torch.no_grad():
+            inference = experts.eval()._forward_grouped_mm(x, topk_idx, topk_weight)
+        experts.train().zero_grad(set_to_none=True)
+        x_grad, w_grad = x.clone().requires_grad_(), topk_weight.clone().requires_grad_()
+        out = experts._forward_grouped_mm(x_grad, topk_idx, w_grad)
+        (out * torch.linspace(-1, 1, 1040, device="cuda")).sum().backward()
+        results.append((inference, out.detach(), x_grad.grad, w_grad.grad, experts.down_proj.grad))
+    for fused, reference in zip(*results):
+        assert relative_max_diff(fused, reference) < 1e-2
+    assert relative_max_diff(results[0][0], results[1][0]) < 1e-5  # same rows, float32 sums: rounding order only
+
+
 def test_cuda_float32_logits_and_greedy_tokens_match_builtin(tmp_path):
     random_model(tiny_config(), seed=1).save_pretrained(tmp_path)
     ours = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).cuda().eval()

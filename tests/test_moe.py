@@ -266,3 +266,17 @@ def test_chunked_inference_bounds_the_largest_feed_forward_allocation():
         largest.append(allocation.nbytes)
     dense_intermediate = 256 * 4096 * 4
     assert largest[0] >= dense_intermediate > 2 * largest[1]
+
+
+def test_router_counts_and_bias_stay_float32_when_the_model_is_cast_to_bf16():
+    """`model.to(torch.bfloat16)` casts floating buffers; the expert-load counts (bf16 counts exactly only to 256)
+    and the balancing bias must stay float32, and counting must still work (a scatter-add of float32 ones)."""
+    config = tiny_config()
+    model = random_model(config).to(torch.bfloat16).train()
+    ids = torch.randint(2, 512, (3, 200))
+    model(ids, labels=ids)
+    routers = model.expert_routers()
+    assert all(r.expert_load.dtype == torch.float32 and r.e_score_correction_bias.dtype == torch.float32
+               for r in routers)
+    main_layer_loads = [r.expert_load.sum().item() for r in routers[: len(routers) - config.num_nextn_predict_layers]]
+    assert main_layer_loads == [600 * config.num_experts_per_tok] * len(main_layer_loads)
