@@ -12,7 +12,7 @@ the routed tokens for the bias update (and the MTP loss with `--mtp`; the built-
 default compares without it); the built-in computes the LM loss.
 
     python benchmarks/bench_train.py --preset deepseek-v3-lite --layers 8 --seq 4096 --batch 1 [--compile layers]
-        [--training-kernels]
+        [--no-training-kernels]
 """
 
 import argparse
@@ -77,8 +77,8 @@ def main():
     parser.add_argument("--compile", choices=["model", "layers"],
                         help="torch.compile both models: the whole model, or each decoder layer (regional)")
     parser.add_argument("--skip-builtin", action="store_true")
-    parser.add_argument("--training-kernels", action="store_true",
-                        help="ours with config.training_kernels (fused Triton RMSNorm with its own backward)")
+    parser.add_argument("--training-kernels", action=argparse.BooleanOptionalAction, default=True,
+                        help="ours with config.training_kernels (the default; --no-training-kernels: the eager ops)")
     parser.add_argument("--json", help="write the numbers here")
     args = parser.parse_args()
 
@@ -119,7 +119,7 @@ def main():
           f"{config.num_hidden_layers} layers{' + MTP' if args.mtp else ''}, {n_params / 1e9:.2f}B parameters, bf16 "
           f"weights and gradients, batch {args.batch} x {args.seq} tokens, forward + backward"
           f"{f', torch.compile ({args.compile})' if args.compile else ', eager'}"
-          f"{', ours with training_kernels' if args.training_kernels else ''}")
+          f"{', ours with training_kernels' if args.training_kernels else ', ours without training_kernels'}")
     print(f"{'workload':<34} {'ours':>10} {'transformers':>13} {'ratio':>7}")
     for key in ("plain", "checkpointing"):
         o, t = rows["ours"][key], rows.get("transformers", {}).get(key)

@@ -27,7 +27,8 @@ def main():
     parser.add_argument("--builtin", action="store_true", help="profile transformers' built-in instead")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--prefill", action="store_true", help="profile an inference prefill instead")
-    parser.add_argument("--training-kernels", action="store_true", help="ours with config.training_kernels")
+    parser.add_argument("--training-kernels", action=argparse.BooleanOptionalAction, default=True,
+                        help="ours with config.training_kernels (the default)")
     args = parser.parse_args()
     fields = json.loads((PRESETS / f"{args.preset}.json").read_text())
     fields.update(num_hidden_layers=args.layers, num_nextn_predict_layers=0)

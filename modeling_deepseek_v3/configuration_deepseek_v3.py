@@ -129,13 +129,17 @@ class DeepseekV3Config(PretrainedConfig):
             `decode_kernels.py`: RMSNorm, interleaved RoPE, the `noaux_tc` router, the absorbed attention of one new
             token over the latent cache, and for a few tokens the matrix-vector products of the attention
             projections (`q_a_proj` and `kv_a_proj_with_mqa` in one pass) and of the dense and shared-expert MLPs
-            (gate, up and SiLU in one pass). Only plain bias-free `nn.Linear` weights take the kernels (a PEFT
-            adapter or a quantized linear runs its own forward). `False` runs the eager reference everywhere.
-        training_kernels (`bool`, *optional*, defaults to `False`):
-            With autograd on CUDA, run RMSNorm and the SiLU-gated activation (`silu(gate) * up` of the MLPs and the
-            grouped experts) as fused Triton kernels with their own backward (`training_kernels.py`): fewer kernels,
-            and no float32 copy of each norm's input nor `silu(gate)` kept for backward. Off by default: their
-            training speed has not been measured against the eager path yet.
+            (gate, up and SiLU in one pass). At any size (a prompt's prefill) the SiLU-gated activation and the
+            combine of the grouped experts' outputs run as one kernel each. Only plain bias-free `nn.Linear` weights
+            take the kernels (a PEFT adapter or a quantized linear runs its own forward). `False` runs the eager
+            reference everywhere.
+        training_kernels (`bool`, *optional*, defaults to `True`):
+            With autograd on CUDA (not under `torch.compile`, which fuses the eager ops itself), run RMSNorm, the
+            interleaved RoPE of q_pe and k_pe, the SiLU-gated activation (`silu(gate) * up` of the MLPs and the
+            grouped experts) and the combine of the grouped experts' outputs as Triton kernels with their own
+            backward (`training_kernels.py`, `moe_kernels.py`): fewer kernels, and no float32 copy of each norm's
+            input, of the weighted expert rows nor `silu(gate)` kept for backward. `False` runs the eager reference
+            (same math; GPU tests hold the two equal).
     """
 
     model_type = "deepseek_v3"
@@ -190,7 +194,7 @@ class DeepseekV3Config(PretrainedConfig):
         moe_implementation="auto",
         cuda_graph_decode=True,
         decode_kernels=True,
-        training_kernels=False,
+        training_kernels=True,
         **kwargs,
     ):
         self.vocab_size = vocab_size

@@ -46,7 +46,7 @@ from .decode_kernels import (
     silu_gate_up,
 )
 from .moe_kernels import combine_sorted_pairs, expert_down, expert_gate_up_act, triton_moe_available
-from .training_kernels import rms_norm_training, silu_mul_training
+from .training_kernels import rms_norm_training, rotate_pairs_training, silu_mul_training
 from .official_checkpoint import fp8_quantization_config, load_fp8_checkpoint
 
 register_official_layout()
@@ -376,8 +376,16 @@ class DeepseekV3Attention(nn.Module):
         q_nope_BHTn, q_pe_BHTr = torch.split(q_BHTk, [N, R], dim=-1)
         c_kv_BTl, k_pe_BTr = torch.split(latent_BTk, [L, R], dim=-1)
         c_kv_BTl = self.kv_a_layernorm(c_kv_BTl)
-        q_pe_BHTr = apply_rotary_interleaved(q_pe_BHTr, cos_BTr[:, None], sin_BTr[:, None])
-        k_pe_BTr = apply_rotary_interleaved(k_pe_BTr, cos_BTr, sin_BTr)
+        if _use_training_kernels(self.config, hidden_states):
+            # Both rotations in one launch each way; q_pe as [B*T, H, R] (a view of q_b_proj's output).
+            q_pe_THr, k_pe_Tr = rotate_pairs_training(
+                q.reshape(B * T, H, N + R)[..., N:], k_pe_BTr.reshape(B * T, R), cos_BTr.reshape(B * T, -1),
+                sin_BTr.reshape(B * T, -1),
+            )
+            q_pe_BHTr, k_pe_BTr = q_pe_THr.view(B, T, H, R).transpose(1, 2), k_pe_Tr.view(B, T, R)
+        else:
+            q_pe_BHTr = apply_rotary_interleaved(q_pe_BHTr, cos_BTr[:, None], sin_BTr[:, None])
+            k_pe_BTr = apply_rotary_interleaved(k_pe_BTr, cos_BTr, sin_BTr)
 
         # The cache stores the latent as a single "key head" [B, 1, S, L] and k_pe as a single "value head"
         # [B, 1, S, R]: any transformers Cache (dynamic, static, offloaded) then holds L + R values per token.

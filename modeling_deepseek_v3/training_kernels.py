@@ -10,6 +10,10 @@ input dtype before the weight multiply; the backward treats that rounding as the
 routed experts as one forward and one backward kernel; autograd keeps gate and up (the halves of one projection
 output) and recomputes the SiLU, where the eager ops also keep `silu(gate)`.
 
+`rotate_pairs_training`: the interleaved-pair RoPE of every head of q_pe and of the shared k_pe in one launch each
+way (the eager `apply_rotary_interleaved` is about nine kernels forward and a dozen backward for each of the two);
+the backward is the rotation by the opposite angle. Nothing is saved but the angles.
+
 Shapes: rows of C features (N for the activation's width).
 """
 
@@ -19,6 +23,8 @@ from .decode_kernels import triton
 
 if triton is not None:
     import triton.language as tl
+
+    from .decode_kernels import _rotate_pairs_row
 
     @triton.jit
     def _rms_norm_forward_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, C, stride_x, eps, BLOCK_C: tl.constexpr):
@@ -77,6 +83,54 @@ if triton is not None:
         tl.store(du_ptr + row * N + cols, (dh * s).to(du_ptr.dtype.element_ty), mask=mask)
         dg = dh * u * sig * (1.0 + g * (1.0 - sig))
         tl.store(dg_ptr + row * N + cols, dg.to(dg_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _rotate_pairs_training_kernel(
+        q_ptr, k_ptr, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr, H,
+        stride_qt, stride_qh, stride_kt, stride_qot, stride_qoh, stride_kot, stride_ct,
+        HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    ):
+        # Program (t, h < H) rotates head h of q at row t, program (t, H) the row's k; out of place.
+        row = tl.program_id(0).to(tl.int64)
+        head = tl.program_id(1)
+        if head < H:
+            src = q_ptr + row * stride_qt + head * stride_qh
+            dst = q_out_ptr + row * stride_qot + head * stride_qoh
+        else:
+            src = k_ptr + row * stride_kt
+            dst = k_out_ptr + row * stride_kot
+        i = tl.arange(0, BLOCK_HALF)
+        _rotate_pairs_row(src, dst, cos_ptr + row * stride_ct, sin_ptr + row * stride_ct, i, i < HALF)
+
+
+def _rotate_pairs_launch(q_THr, k_Tr, q_out, k_out, cos_Tr, sin_Tr):
+    T, H, R = q_THr.shape
+    _rotate_pairs_training_kernel[(T, H + 1)](
+        q_THr, k_Tr, q_out, k_out, cos_Tr, sin_Tr, H,
+        q_THr.stride(0), q_THr.stride(1), k_Tr.stride(0), q_out.stride(0), q_out.stride(1), k_out.stride(0),
+        cos_Tr.stride(0), HALF=R // 2, BLOCK_HALF=triton.next_power_of_2(R // 2), num_warps=1,
+    )
+
+
+class _RotatePairs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q_THr, k_Tr, cos_Tr, sin_Tr):
+        q_out = torch.empty(q_THr.shape, dtype=q_THr.dtype, device=q_THr.device)
+        k_out = torch.empty(k_Tr.shape, dtype=k_Tr.dtype, device=k_Tr.device)
+        _rotate_pairs_launch(q_THr, k_Tr, q_out, k_out, cos_Tr, sin_Tr)
+        ctx.save_for_backward(cos_Tr, sin_Tr)
+        return q_out, k_out
+
+    @staticmethod
+    def backward(ctx, dq_THr, dk_Tr):
+        # A rotation's transpose is the rotation by the opposite angle.
+        cos_Tr, sin_Tr = ctx.saved_tensors
+        dq_THr = dq_THr if dq_THr.stride(-1) == 1 else dq_THr.contiguous()
+        dk_Tr = dk_Tr if dk_Tr.stride(-1) == 1 else dk_Tr.contiguous()
+        dq_in = torch.empty(dq_THr.shape, dtype=dq_THr.dtype, device=dq_THr.device)
+        dk_in = torch.empty(dk_Tr.shape, dtype=dk_Tr.dtype, device=dk_Tr.device)
+        _rotate_pairs_launch(dq_THr, dk_Tr, dq_in, dk_in, cos_Tr, -sin_Tr)
+        return dq_in, dk_in, None, None
 
 
 SILU_MUL_BLOCK = 1024
@@ -157,4 +211,16 @@ def silu_mul_training(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return _SiluMul.apply(gate, up)
 
 
-__all__ = ["rms_norm_training", "silu_mul_training"]
+def rotate_pairs_training(
+    q_THr: torch.Tensor, k_Tr: torch.Tensor, cos_Tr: torch.Tensor, sin_Tr: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`apply_rotary_interleaved` of q_THr [T, H, R] (every head) and k_Tr [T, R] by the float32 angles cos_Tr/sin_Tr
+    [T, R/2], in one launch each way -> (new [T, H, R], new [T, R]) in the inputs' dtypes, differentiable in q and
+    k. Inputs may be strided views (the q_pe / k_pe slices of the projections' outputs) with a contiguous last dim."""
+    if q_THr.stride(-1) != 1 or k_Tr.stride(-1) != 1 or q_THr.shape[0] != k_Tr.shape[0] or q_THr.shape[2] != k_Tr.shape[1]:
+        raise ValueError(f"rotate_pairs_training: expected q [T, H, R] and k [T, R] with contiguous last dims, found "
+                         f"{tuple(q_THr.shape)} (strides {q_THr.stride()}) and {tuple(k_Tr.shape)} (strides {k_Tr.stride()})")
+    return _RotatePairs.apply(q_THr, k_Tr, cos_Tr.float().contiguous(), sin_Tr.float().contiguous())
+
+
+__all__ = ["rms_norm_training", "rotate_pairs_training", "silu_mul_training"]

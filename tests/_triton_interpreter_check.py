@@ -105,6 +105,26 @@ def main():
         assert relative_max_diff(fused, eager) < tolerance
         assert relative_max_diff(gate_up_fused.grad, gate_up_eager.grad) < tolerance
 
+    # Training RoPE of q_pe (every head) and k_pe, strided slices of the projections' outputs, both ways, against the
+    # eager rotation's autograd.
+    from modeling_deepseek_v3.training_kernels import rotate_pairs_training
+
+    for dtype, tolerance in ((torch.float32, TOLERANCE), (torch.bfloat16, 2e-2)):
+        q_eager = torch.randn(6, 3, 24, dtype=dtype, requires_grad=True)  # [T, H, N + R], R = 8
+        k_eager = torch.randn(6, 40, dtype=dtype, requires_grad=True)  # [T, L + R]
+        q_fused, k_fused = (t.detach().clone().requires_grad_() for t in (q_eager, k_eager))
+        angles = torch.randn(6, 4) * 50
+        cos, sin = angles.cos(), angles.sin()
+        dq, dk = torch.randn(6, 3, 8, dtype=dtype), torch.randn(6, 8, dtype=dtype)
+        q_rot = apply_rotary_interleaved(q_eager[..., 16:], cos[:, None], sin[:, None])
+        k_rot = apply_rotary_interleaved(k_eager[:, 32:], cos, sin)
+        torch.autograd.backward((q_rot, k_rot), (dq, dk))
+        q_out, k_out = rotate_pairs_training(q_fused[..., 16:], k_fused[:, 32:], cos, sin)
+        torch.autograd.backward((q_out, k_out), (dq, dk))
+        assert relative_max_diff(q_out, q_rot) < tolerance and relative_max_diff(k_out, k_rot) < tolerance
+        assert relative_max_diff(q_fused.grad, q_eager.grad) < tolerance
+        assert relative_max_diff(k_fused.grad, k_eager.grad) < tolerance
+
     # The grouped experts' combine (expert-sorted rows -> tokens), forward and backward, against its eager reference.
     from modeling_deepseek_v3.modeling_deepseek_v3 import _WeightedCombine, sort_by_expert
     from modeling_deepseek_v3.moe_kernels import combine_sorted_pairs

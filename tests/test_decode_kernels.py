@@ -32,13 +32,13 @@ def test_decode_kernels_switch_leaves_the_cpu_forward_on_the_eager_path():
     assert torch.equal(with_switch, _decode_logits(model, ids))
 
 
-def test_decode_kernels_is_a_saved_config_switch_on_by_default(tmp_path):
+def test_kernel_switches_are_saved_config_fields_on_by_default(tmp_path):
     config = tiny_config()
-    assert config.decode_kernels is True and config.training_kernels is False
-    config.decode_kernels, config.training_kernels = False, True
+    assert config.decode_kernels is True and config.training_kernels is True
+    config.decode_kernels, config.training_kernels = False, False
     config.save_pretrained(tmp_path)
     reloaded = type(config).from_pretrained(tmp_path)
-    assert reloaded.decode_kernels is False and reloaded.training_kernels is True
+    assert reloaded.decode_kernels is False and reloaded.training_kernels is False
 
 
 def test_training_kernels_switch_leaves_the_cpu_training_step_on_the_eager_path():
@@ -68,7 +68,7 @@ def test_triton_kernels_compile_for_hopper_without_a_gpu(monkeypatch):
     from triton.runtime.jit import JITFunction
 
     from modeling_deepseek_v3 import decode_kernels, moe_kernels
-    from modeling_deepseek_v3.training_kernels import rms_norm_training, silu_mul_training
+    from modeling_deepseek_v3.training_kernels import rms_norm_training, rotate_pairs_training, silu_mul_training
 
     types = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.int64: "i64"}
     compiled = set()
@@ -118,10 +118,13 @@ def test_triton_kernels_compile_for_hopper_without_a_gpu(monkeypatch):
     rms_norm_training(x, t(2048).requires_grad_(), 1e-6).backward(t(8, 2048))  # the training kernels, both ways
     gate_up = t(8, 2816).requires_grad_()
     silu_mul_training(*gate_up.chunk(2, dim=-1)).backward(t(8, 1408))
+    q_pe, k_pe = t(8, 16, 192)[..., 128:].requires_grad_(), t(8, 576)[:, 512:].requires_grad_()
+    q_rot, k_rot = rotate_pairs_training(q_pe, k_pe, angle.expand(8, 32), angle.expand(8, 32))
+    (q_rot.sum() + k_rot.sum()).backward()
     y = t(48, 2048).requires_grad_()  # the grouped experts' combine, both ways
     moe_kernels.combine_sorted_pairs(y, torch.randperm(48).view(8, 6), torch.rand(8, 6).requires_grad_()).backward(
         torch.randn(8, 2048))
-    assert len(compiled) == 20, sorted(compiled)
+    assert len(compiled) == 21, sorted(compiled)
 
 
 def test_triton_kernels_equal_the_eager_ops_in_the_triton_interpreter():
