@@ -879,6 +879,14 @@ def combine_sorted_outputs(module: nn.Module, y_PD: torch.Tensor, order_P: torch
     applies to `module`, one Triton kernel each way (`moe_kernels.combine_sorted_pairs`: each token reads its rows
     in place); else `_WeightedCombine`, the reference (a float32 copy of the weighted rows and a scatter-add)."""
     T, K = topk_weight_TK.shape
+    if torch.compiler.is_compiling():
+        # The plain expression under torch.compile: Inductor plans what backward keeps. Traced, the custom backward
+        # below led Inductor to lay out the down projection's weight-gradient operand with the token dimension
+        # contiguous, which the grouped GEMM refuses unless every expert's token count is a multiple of 8 (a
+        # device-side assert in training, torch 2.11).
+        w_P = topk_weight_TK.reshape(-1)[order_P]
+        out_TD = torch.zeros(T, y_PD.shape[-1], dtype=torch.float32, device=y_PD.device)
+        return out_TD.index_add_(0, token_P, y_PD.float() * w_P.float()[:, None])
     if _use_fused_kernels(module.config, module, y_PD):
         # position_TK[t, k]: the sorted row of pair t * K + k (the inverse of the sort's permutation).
         position_P = torch.empty_like(order_P).scatter_(0, order_P, torch.arange(order_P.numel(), device=order_P.device))

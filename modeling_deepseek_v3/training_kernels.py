@@ -1,4 +1,4 @@
-"""Triton kernels with their own backward for CUDA training (`config.training_kernels`, off by default).
+"""Triton kernels with their own backward for CUDA training (`config.training_kernels`, on by default).
 
 `rms_norm_training`: RMSNorm as one forward and one backward kernel instead of eager ops. The eager
 `DeepseekV3RMSNorm` is seven kernels forward and about ten backward, and autograd keeps a float32 copy of its input

@@ -11,7 +11,9 @@ from modeling_deepseek_v3.modeling_deepseek_v3 import (
     DeepseekV3MoE,
     DeepseekV3TopkRouter,
     _grouped_mm,
+    combine_sorted_outputs,
     sequence_balance_loss,
+    sort_by_expert,
 )
 
 
@@ -280,3 +282,21 @@ def test_router_counts_and_bias_stay_float32_when_the_model_is_cast_to_bf16():
                for r in routers)
     main_layer_loads = [r.expert_load.sum().item() for r in routers[: len(routers) - config.num_nextn_predict_layers]]
     assert main_layer_loads == [600 * config.num_experts_per_tok] * len(main_layer_loads)
+
+
+def test_traced_expert_combine_equals_the_custom_backward_reference():
+    """Under torch.compile the grouped experts' combine is the plain differentiable expression (Inductor plans what
+    backward keeps); it must equal `_WeightedCombine` in value and in the gradients of the rows and the weights."""
+    config = tiny_config()
+    experts = DeepseekV3Experts(config)
+    topk_idx = torch.stack([torch.randperm(16)[:4] for _ in range(10)])
+    order, token, _ = sort_by_expert(topk_idx, 16)
+    results = []
+    for combine in (combine_sorted_outputs, torch.compile(combine_sorted_outputs, backend="aot_eager", fullgraph=True)):
+        y = torch.randn(40, config.hidden_size, generator=torch.Generator().manual_seed(0)).requires_grad_()
+        w = torch.rand(10, 4, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        out = combine(experts, y, order, token, w)
+        (out * torch.linspace(-1, 1, config.hidden_size)).sum().backward()
+        results.append((out.detach(), y.grad, w.grad))
+    for traced, reference in zip(*reversed(results)):
+        assert relative_max_diff(traced, reference) < 1e-6
