@@ -378,9 +378,10 @@ class DeepseekV3Attention(nn.Module):
         c_kv_BTl = self.kv_a_layernorm(c_kv_BTl)
         if _use_training_kernels(self.config, hidden_states):
             # Both rotations in one launch each way; q_pe as [B*T, H, R] (a view of q_b_proj's output).
+            # (position_ids [1, T] give angles [1, T, R/2] for every row of the batch.)
+            cos_Tr, sin_Tr = (angle.expand(B, T, -1).reshape(B * T, -1) for angle in (cos_BTr, sin_BTr))
             q_pe_THr, k_pe_Tr = rotate_pairs_training(
-                q.reshape(B * T, H, N + R)[..., N:], k_pe_BTr.reshape(B * T, R), cos_BTr.reshape(B * T, -1),
-                sin_BTr.reshape(B * T, -1),
+                q.reshape(B * T, H, N + R)[..., N:], k_pe_BTr.reshape(B * T, R), cos_Tr, sin_Tr
             )
             q_pe_BHTr, k_pe_BTr = q_pe_THr.view(B, T, H, R).transpose(1, 2), k_pe_Tr.view(B, T, R)
         else:
@@ -399,7 +400,8 @@ class DeepseekV3Attention(nn.Module):
         if kernels and self._absorbs_one_token(use_absorbed, T, attention_bias):
             # decode_kernels at batch sizes past the matrix-vector kernels: the one-token attention still applies.
             attn_BTo = self._attend_one_token_kernels(
-                q, cos_BTr.reshape(B, -1), sin_BTr.reshape(B, -1), c_kv_B1Sl[:, 0], k_pe_B1Sr[:, 0], attention_bias
+                q, cos_BTr.expand(B, T, -1).reshape(B, -1), sin_BTr.expand(B, T, -1).reshape(B, -1), c_kv_B1Sl[:, 0],
+                k_pe_B1Sr[:, 0], attention_bias
             )
             return _decode_linear(self.o_proj, attn_BTo, kernels)
         if use_absorbed and self._can_absorb():
@@ -437,7 +439,7 @@ class DeepseekV3Attention(nn.Module):
         holds them equal)."""
         B, T, _ = hidden_states.shape
         H, N, R = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim
-        cos_Tr, sin_Tr = (angle.reshape(B * T, -1) for angle in position_embeddings)
+        cos_Tr, sin_Tr = (angle.expand(B, T, -1).reshape(B * T, -1) for angle in position_embeddings)
         projected_BTk = linear_pair(hidden_states, self.q_a_proj.weight, self.kv_a_proj_with_mqa.weight)
         norms = (self.q_a_layernorm.weight, self.kv_a_layernorm.weight, self.kv_a_layernorm.variance_epsilon)
         layer = _writable_static_layer(past_key_values, self.layer_idx, hidden_states)

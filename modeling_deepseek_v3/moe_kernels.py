@@ -88,7 +88,6 @@ if triton is not None:
             acc += tl.sum(w.to(tl.float32) * h[None, :], axis=1)
         tl.store(out_ptr + pair * stride_op + rows, acc, mask=row_mask)
 
-
     @triton.jit
     def _combine_forward_kernel(
         y_ptr, position_ptr, w_ptr, out_ptr, stride_y, stride_o,
