@@ -65,6 +65,18 @@ def measure(model, args, vocab: int) -> dict:
     return results
 
 
+def builtin_from_state(config: DeepseekV3Config, state: dict) -> transformers.DeepseekV3ForCausalLM:
+    """transformers' built-in DeepseekV3ForCausalLM on the GPU in bf16 with our model's state dict `state` (every
+    weight it has must be there; only our MTP layer's may be left over)."""
+    builtin_config = transformers.DeepseekV3Config.from_dict(config.to_dict())
+    with torch.device("cuda"):
+        theirs = transformers.DeepseekV3ForCausalLM._from_config(builtin_config, dtype=torch.bfloat16)
+    missing, unexpected = theirs.load_state_dict(state, strict=False)
+    assert not missing, f"built-in lacks weights: {missing[:5]}"
+    assert all(k.startswith(f"model.layers.{config.num_hidden_layers}.") for k in unexpected), unexpected[:5]
+    return theirs
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="deepseek-v3-lite")
@@ -99,12 +111,7 @@ def main():
     torch.cuda.empty_cache()
 
     if not args.skip_builtin:
-        builtin_config = transformers.DeepseekV3Config.from_dict(config.to_dict())
-        with torch.device("cuda"):
-            theirs = transformers.DeepseekV3ForCausalLM._from_config(builtin_config, dtype=torch.bfloat16)
-        missing, unexpected = theirs.load_state_dict(state, strict=False)
-        assert not missing, f"built-in lacks weights: {missing[:5]}"
-        assert all(k.startswith(f"model.layers.{config.num_hidden_layers}.") for k in unexpected), unexpected[:5]
+        theirs = builtin_from_state(config, state)
         del state
         print("transformers:", flush=True)
         try:

@@ -16,6 +16,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_generate import timed  # noqa: E402
+from bench_train import builtin_from_state  # noqa: E402
 
 from modeling_deepseek_v3 import DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
 from modeling_deepseek_v3 import modeling_deepseek_v3 as m  # noqa: E402
@@ -71,10 +72,7 @@ def main():
     state = {k: v.to("cpu") for k, v in ours.state_dict().items()}
     del ours
     torch.cuda.empty_cache()
-    builtin_config = transformers.DeepseekV3Config.from_dict(config.to_dict())
-    with torch.device("cuda"):
-        theirs = transformers.DeepseekV3ForCausalLM._from_config(builtin_config, dtype=torch.bfloat16).train()
-    theirs.load_state_dict(state, strict=False)
+    theirs = builtin_from_state(config, state).train()
     rows["builtin"] = [measure(step_of(theirs, ids)) for _ in range(2)]
 
     print(torch.cuda.get_device_name(), torch.__version__, transformers.__version__)

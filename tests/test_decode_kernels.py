@@ -59,9 +59,8 @@ def _triton_or_skip():
 
 def test_triton_kernels_compile_for_hopper_without_a_gpu(monkeypatch):
     """Every Triton kernel of a decode step (PDL variants included), the training kernels and the grouped experts'
-    combine compile to sm_90a
-    machine code (the Hopper build), from real wrapper calls on CPU tensors: the launch is replaced by an
-    ahead-of-time compile."""
+    combine compile to sm_90a machine code (the Hopper build), from real wrapper calls on CPU tensors: the launch is
+    replaced by an ahead-of-time compile."""
     triton = _triton_or_skip()
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
