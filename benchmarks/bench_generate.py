@@ -10,8 +10,9 @@ it, and prints both with the ratio and the hardware floor. Rows:
   with the default dynamic cache and with a static cache (ours then replays its captured CUDA graph; the built-in
   runs its eager forward: no torch.compile), and the weight bandwidth of the static rows: the bytes a step reads
   (the routed experts its tokens chose, counted in one eager step of ours) over the step time;
-- `generate()` end to end, batch 1, static cache: per-token time from the difference of two lengths, and the
-  wall time of the first call (warm-up: our graph capture);
+- `generate()` end to end, batch 1, greedy, static cache: per-token time from the difference of two lengths (ours
+  also with a logits processor, `min_new_tokens`, and in transformers' own sampling loop instead of
+  `sample_on_decode_graph`), and the wall time of the first call (warm-up: our graph capture);
 - the floor: bytes of the active parameters per token (attention, dense/shared MLPs, K routed experts per MoE
   layer, the LM head) read once, over the device-to-device copy bandwidth measured here.
 
@@ -132,9 +133,14 @@ def measure(model, args, vocab) -> dict:
     # End to end: greedy generate() with a static cache, batch 1, per-token time from two lengths.
     prompt = torch.randint(2, vocab, (1, args.context[0]), device="cuda", generator=generator)
 
-    def generate(n):
-        return lambda: model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
-                                      min_new_tokens=n, do_sample=False, pad_token_id=0, cache_implementation="static")
+    def generate(n, **extra):
+        def run():
+            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, do_sample=False,
+                                 pad_token_id=0, cache_implementation="static", **extra)
+            if out.shape[1] != prompt.shape[1] + n:  # the per-token time assumes every call runs to the limit
+                raise RuntimeError(f"generate() stopped after {out.shape[1] - prompt.shape[1]} of {n} tokens "
+                                   "(end-of-sequence id): pick another prompt seed")
+        return run
 
     start = time.perf_counter()
     generate(2)()
@@ -144,6 +150,16 @@ def measure(model, args, vocab) -> dict:
     long, short = timed(generate(args.decode_steps + 1), args.repeats), timed(generate(1), args.repeats)
     results["generate_b1_static"] = {"ms_per_token": (long - short) / args.decode_steps * 1e3,
                                      "graph_captures": getattr(DecodeGraph, "captures", 0) - captures}
+    if hasattr(type(model), "_can_sample_on_graph"):
+        # Ours with a logits processor (min_new_tokens: the processor, argmax and criteria run between replays),
+        # and in transformers' own loop (a host sync per token; each step still replays the graph).
+        n = args.decode_steps + 1
+        long, short = timed(generate(n, min_new_tokens=n), args.repeats), timed(generate(1), args.repeats)
+        results["generate_b1_static_processor"] = {"ms_per_token": (long - short) / args.decode_steps * 1e3}
+        model._can_sample_on_graph = lambda *args: False
+        long, short = timed(generate(n), args.repeats), timed(generate(1), args.repeats)
+        del model._can_sample_on_graph
+        results["generate_b1_static_transformers_loop"] = {"ms_per_token": (long - short) / args.decode_steps * 1e3}
     for context_len, batch in decode_rows(args):
         context = torch.randint(2, vocab, (batch, context_len), device="cuda", generator=generator)
         for cache_kind in ("dynamic", "static"):
@@ -251,6 +267,11 @@ def main():
     label = f"generate() b1 ctx {args.context[0]} static, ms/tok"
     print(f"{label:<40} {o['generate_b1_static']['ms_per_token']:12.2f} {t['generate_b1_static']['ms_per_token']:14.2f} "
           f"{t['generate_b1_static']['ms_per_token'] / o['generate_b1_static']['ms_per_token']:7.2f}x")
+    if "generate_b1_static_transformers_loop" in o:
+        label = "  ours with min_new_tokens, ms/tok"
+        print(f"{label:<40} {o['generate_b1_static_processor']['ms_per_token']:12.2f}")
+        label = "  ours in transformers' loop, ms/tok"
+        print(f"{label:<40} {o['generate_b1_static_transformers_loop']['ms_per_token']:12.2f}")
     print(f"ours: {o['generate_b1_static']['graph_captures']} graph captures during the timed generate() calls")
     print(f"{'generate() first call (warm-up), s':<40} {o['generate_first_call_s']:12.2f} {t['generate_first_call_s']:14.2f}")
     if 1 in args.batch:

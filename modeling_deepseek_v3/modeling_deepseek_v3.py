@@ -12,6 +12,7 @@ Paper names: c_kv (normalized KV latent, what the cache stores), k_pe (the one r
 heads), q_nope/q_pe, W_UK/W_UV (the key and value halves of kv_b_proj), h' and eh_proj (MTP input projection).
 """
 
+import collections
 import contextlib
 import math
 import os
@@ -1604,14 +1605,60 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
             and not torch.is_grad_enabled()
             and use_cache is not False
             and input_ids is not None
-            and input_ids.is_cuda
+            and DecodeGraph.serves(input_ids)
             and input_ids.shape[1] == 1
             and attention_mask is not None
             and attention_mask.dim() == 2
             and isinstance(past_key_values, Cache)
             and getattr(past_key_values, "is_compileable", False)
             and all(getattr(layer, "is_initialized", False) for layer in past_key_values.layers)
-            and not torch.cuda.is_current_stream_capturing()
+            and not (input_ids.is_cuda and torch.cuda.is_current_stream_capturing())
+        )
+
+    def _sample(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
+                streamer=None, **model_kwargs):
+        """generate()'s greedy and multinomial-sampling loop: where the captured decode graph serves the steps
+        (`_can_sample_on_graph`), `sample_on_decode_graph` runs them without a host sync per token; otherwise
+        transformers' own loop runs."""
+        if self._can_sample_on_graph(input_ids, stopping_criteria, generation_config, synced_gpus, streamer,
+                                     model_kwargs):
+            return sample_on_decode_graph(
+                self, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs
+            )
+        return super()._sample(
+            input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=synced_gpus,
+            streamer=streamer, **model_kwargs,
+        )
+
+    def _can_sample_on_graph(self, input_ids, stopping_criteria, generation_config, synced_gpus, streamer,
+                             model_kwargs) -> bool:
+        """The decode graph can run generate()'s loop: `config.cuda_graph_decode`, inference on one CUDA device,
+        generate()'s own static cache (the steps run past the end write its slots only), a 2D padding mask over
+        the prompt (and its 2D positions, if given), a length limit, and nothing that needs the host every token or
+        more than the sequences back (streamer, `return_dict_in_generate`, `synced_gpus`, assisted decoding) nor
+        model inputs the graph does not take (token_type_ids, ...)."""
+        own = self.__dict__.get("_generate_static_cache")
+        cache = next((model_kwargs[name] for name in ("cache", "past_key_values") if name in model_kwargs), None)
+        mask = model_kwargs.get("attention_mask")
+        return bool(
+            self.config.cuda_graph_decode
+            and DecodeGraph.serves(input_ids)
+            and len(set((getattr(self, "hf_device_map", None) or {"": 0}).values())) == 1
+            and not self.training
+            and not torch.is_grad_enabled()
+            and not synced_gpus
+            and streamer is None
+            and not generation_config.return_dict_in_generate
+            and not getattr(generation_config, "is_assistant", False)
+            and generation_config.num_beams == 1
+            and model_kwargs.get("use_cache") is not False
+            and own is not None
+            and cache is own[1]
+            and mask is not None
+            and mask.shape == input_ids.shape
+            and getattr(model_kwargs.get("position_ids"), "shape", input_ids.shape) == input_ids.shape
+            and stopping_criteria.max_length is not None
+            and set(model_kwargs) <= GRAPH_SAMPLING_KWARGS
         )
 
     def _valid_auto_compile_criteria(self, model_kwargs, generation_config) -> bool:
@@ -1636,18 +1683,19 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         self.__dict__["_generate_static_cache"] = (key, cache)
         return cache
 
-    def _decode_graph(self, cache: Cache, batch_size: int) -> "DecodeGraph":
-        """The captured decode step for this static cache and batch size (captured on first use)."""
+    def _decode_graph(self, cache: Cache, batch_size: int, greedy_eos: tuple[int, ...] | None = None) -> "DecodeGraph":
+        """The captured decode step for this static cache and batch size (captured on first use); `greedy_eos`:
+        the step also picks the next token greedily, these ids ending a row (see DecodeGraph)."""
         graphs = self.__dict__.setdefault("_decode_graphs", {})
         for stale in [k for k, g in graphs.items() if g.cache_ref() is None]:
             del graphs[stale]  # its cache is gone: free the graph's memory pool and the cache tensors it holds
         # The graph records the kernels chosen at capture: a switch of `decode_kernels` needs its own capture.
-        key = (id(cache), batch_size, self.config.decode_kernels)
+        key = (id(cache), batch_size, self.config.decode_kernels, greedy_eos)
         graph = graphs.get(key)
         if graph is None or graph.cache_ref() is not cache:
             if len(graphs) >= 4:  # generate() reuses its static cache; do not accumulate stale graphs
                 graphs.clear()
-            graph = graphs[key] = DecodeGraph(self, cache, batch_size)
+            graph = graphs[key] = DecodeGraph(self, cache, batch_size, greedy_eos=greedy_eos)
         return graph
 
     def _mtp_loss(self, input_ids, inputs_embeds, attention_mask, position_ids, hidden_states, labels, num_items=None):
@@ -1692,6 +1740,121 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
         return mtp_loss, tuple(depth_logits), aux_loss
 
 
+# What generate() may hand its decoding loop that `sample_on_decode_graph` handles (anything else: transformers' loop).
+GRAPH_SAMPLING_KWARGS = {
+    "attention_mask", "position_ids", "use_cache", "cache", "past_key_values", "cache_position", "logits_to_keep",
+    "inputs_embeds", "output_attentions", "output_hidden_states", "return_dict",
+}
+# Steps the host may run ahead of the stop flag it reads (more steps past the end; fewer: the GPU waits for the host).
+STOP_CHECK_LAG = 2
+
+
+def sample_on_decode_graph(model, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs):
+    """generate()'s sampling loop, run on the decode graph: transformers' `_sample` step for step (the prefill, the
+    logits processors, argmax or multinomial, finished rows padded, the stopping criteria, in that order), but
+    without its host sync per token. transformers reads `unfinished.max() == 0` on the host after every token, so
+    the GPU idles while the host prepares the next step. Here each step's stop flag is copied to pinned memory as
+    the GPU produces it and read STOP_CHECK_LAG steps later, by which time it is done: the host stays ahead of the
+    GPU. The steps run past the end are dropped; they only wrote generate()'s own static cache past the end, and
+    the next call resets it.
+
+    Plain greedy decoding (no logits processor; stopping on the length limit and end-of-sequence ids only) picks
+    its tokens inside the graph: a step is then one replay, with none of the ~15 small kernels (and their launch
+    gaps) that the processors, argmax, padding and criteria cost between replays. Everything else picks them with
+    transformers' own processor and criteria objects, between the replays.
+
+    input_ids [B, S0] (the prompt) -> sequences [B, S] (prompt + generated tokens, as `_sample` returns them)."""
+    B, prompt_length = input_ids.shape
+    max_length = stopping_criteria.max_length
+    cache = next(model_kwargs[name] for name in ("cache", "past_key_values") if name in model_kwargs)
+    greedy_eos = _greedy_in_graph(logits_processor, stopping_criteria, generation_config)
+    outputs = model._prefill(input_ids, generation_config, model_kwargs, is_first_iteration=True)
+    logits_BV = outputs.logits[:, -1]
+    del outputs
+    pad_token_id = generation_config._pad_token_tensor
+    if pad_token_id is not None:
+        pad_token_id = pad_token_id.to(input_ids.device)
+    has_eos_stopping_criteria = any(hasattr(criteria, "eos_token_id") for criteria in stopping_criteria)
+    sequences = input_ids.new_zeros(B, max_length)
+    sequences[:, :prompt_length] = input_ids
+    unfinished_B = torch.ones(B, dtype=torch.long, device=input_ids.device)
+    flags = LaggedStopFlags(max_length, input_ids.device)
+    graph, length = None, prompt_length
+    while flags.stop_length is None:
+        scores_BV = logits_processor(sequences[:, :length], logits_BV.to(copy=True, dtype=torch.float32))
+        if generation_config.do_sample:
+            tokens_B = torch.multinomial(F.softmax(scores_BV, dim=-1), num_samples=1).squeeze(1)
+        else:
+            tokens_B = torch.argmax(scores_BV, dim=-1)
+        if has_eos_stopping_criteria:
+            tokens_B = tokens_B * unfinished_B + pad_token_id * (1 - unfinished_B)
+        sequences[:, length] = tokens_B
+        length += 1
+        unfinished_B = unfinished_B & ~stopping_criteria(sequences[:, :length], None)
+        flags.push(length, unfinished_B.max() == 0, last=length >= max_length)
+        if flags.stop_length is not None:
+            break
+        if greedy_eos is not None:
+            # The first token came from the prefill's logits; the graph picks the rest.
+            graph = model._decode_graph(cache, B, greedy_eos=greedy_eos)
+            graph.start(model_kwargs["attention_mask"], model_kwargs.get("position_ids"))
+            graph.start_greedy(sequences[:, :length], unfinished_B, pad_token_id)
+            while flags.stop_length is None:
+                graph._run()  # reads the token at column length - 1, writes the next at column `length`
+                length += 1
+                flags.push(length, graph.stopped, last=length >= max_length)
+            sequences = graph.tokens
+            break
+        if graph is None:
+            graph = model._decode_graph(cache, B)
+            graph.start(model_kwargs["attention_mask"], model_kwargs.get("position_ids"))
+        logits_BV = graph.advance(tokens_B, length - 1)[:, -1]
+    return sequences[:, : flags.stop_length].clone()
+
+
+def _greedy_in_graph(logits_processor, stopping_criteria, generation_config) -> tuple[int, ...] | None:
+    """The end-of-sequence ids (() for none) when the decode graph can pick generate()'s tokens itself: greedy,
+    no logits processor, and no stopping criterion but the length limit and end-of-sequence ids; else None."""
+    from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
+
+    if generation_config.do_sample or len(logits_processor) > 0:
+        return None
+    if not all(type(criteria) in (MaxLengthCriteria, EosTokenCriteria) for criteria in stopping_criteria):
+        return None
+    eos = [criteria.eos_token_id for criteria in stopping_criteria if type(criteria) is EosTokenCriteria]
+    if eos and generation_config._pad_token_tensor is None:
+        return None
+    return tuple(int(i) for ids in eos for i in torch.as_tensor(ids).reshape(-1).tolist())
+
+
+class LaggedStopFlags:
+    """generate()'s stop decision read late: `push` copies a step's flag (all rows finished) to pinned memory
+    without waiting, and reads the flags of the steps more than STOP_CHECK_LAG behind (all of them at the last
+    step). `stop_length` is the sequence length at the first step whose flag is set (or the last step's)."""
+
+    def __init__(self, max_length: int, device: torch.device):
+        self.on_cuda = device.type == "cuda"
+        self.host = torch.zeros(max_length + 1, dtype=torch.bool, pin_memory=self.on_cuda)
+        self.pending = collections.deque()  # (length, event) of the flags not read yet
+        self.stop_length = None
+
+    def push(self, length: int, stopped: torch.Tensor, last: bool) -> None:
+        self.host[length].copy_(stopped, non_blocking=True)
+        event = None
+        if self.on_cuda:
+            event = torch.cuda.Event()
+            event.record()
+        self.pending.append((length, event))
+        while self.stop_length is None and self.pending and (last or len(self.pending) > STOP_CHECK_LAG):
+            flag_length, event = self.pending.popleft()
+            if event is not None:
+                event.synchronize()
+            if self.host[flag_length]:
+                self.stop_length = flag_length
+        if self.stop_length is None and last:
+            self.stop_length = length
+
+
 def restore_cache_tensors(cache: Cache, tensors: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Put each static cache layer's contents back into the tensors a captured graph addresses (`tensors`, one
     (keys, values) pair per layer), where something replaced them: beam search's `reorder_cache` assigns
@@ -1718,8 +1881,13 @@ class DecodeGraph:
 
     captures = 0  # graphs captured in this process (a reused generate() cache must not add any)
 
-    def __init__(self, model: "DeepseekV3ForCausalLM", cache: Cache, batch_size: int):
-        DecodeGraph.captures += 1
+    @staticmethod
+    def serves(x: torch.Tensor) -> bool:
+        """Whether decode steps on `x`'s device are captured (CUDA) rather than run eagerly."""
+        return x.is_cuda
+
+    def __init__(self, model: "DeepseekV3ForCausalLM", cache: Cache, batch_size: int, capture: bool | None = None,
+                 greedy_eos: tuple[int, ...] | None = None):
         self.model = model
         self.cache_ref = weakref.ref(cache)
         self.mask_length = cache.get_mask_sizes(1, 0)[0]
@@ -1727,6 +1895,26 @@ class DecodeGraph:
         self.input_ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         self.position_ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         self.mask = torch.zeros(batch_size, self.mask_length, dtype=torch.long, device=device)
+        # The graph reads and writes these tensors by address: held here so that they outlive a beam search's
+        # `reorder_cache` (which replaces them in the cache); `_decode_graph` drops the graph once the cache is gone.
+        self.cache_tensors = [(layer.keys, layer.values) for layer in cache.layers]
+        self.greedy = greedy_eos is not None
+        if self.greedy:  # see `_pick_greedy`
+            self.tokens = torch.zeros(batch_size, self.mask_length + 1, dtype=torch.long, device=device)
+            self.column = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+            self.unfinished = torch.ones(batch_size, dtype=torch.long, device=device)
+            self.pad = torch.zeros((), dtype=torch.long, device=device)
+            self.eos = torch.tensor(greedy_eos, dtype=torch.long, device=device) if greedy_eos else None
+            self.stopped = torch.zeros((), dtype=torch.bool, device=device)
+        self.graph = None
+        if capture is None:
+            capture = self.input_ids.is_cuda
+        if capture:  # capture=False runs the same step on the same buffers eagerly (the reference, and the CPU)
+            self._capture(cache)
+
+    def _capture(self, cache):
+        DecodeGraph.captures += 1
+        device = self.input_ids.device
         lengths = [layer.cumulative_length.clone() for layer in cache.layers]
         # Warm up on a side stream (allocations and lazy initialization happen outside the capture), then capture.
         # A warm-up step writes the next cache slot and advances the device-side length: the length is restored
@@ -1741,19 +1929,81 @@ class DecodeGraph:
                 for layer, length in zip(cache.layers, lengths):
                     layer.cumulative_length.copy_(length)
         torch.cuda.current_stream(device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):  # records the step; nothing runs, the length stays as restored
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):  # records the step; nothing runs, the length stays as restored
             self.logits = self._step(cache)
-        # The graph reads and writes these tensors by address: held here so that they outlive a beam search's
-        # `reorder_cache` (which replaces them in the cache); `_decode_graph` drops the graph once the cache is gone.
-        self.cache_tensors = [(layer.keys, layer.values) for layer in cache.layers]
+        self.graph = graph
 
     def _step(self, cache):
         hidden = self.model.model(
             input_ids=self.input_ids, attention_mask=self.mask, position_ids=self.position_ids, past_key_values=cache,
             use_cache=True,
         ).last_hidden_state
-        return self.model.lm_head(hidden)
+        logits = self.model.lm_head(hidden)
+        if self.greedy:
+            self._pick_greedy(logits)
+        return logits
+
+    def _pick_greedy(self, logits_B1V: torch.Tensor) -> None:
+        """generate()'s greedy step on the device, as transformers' `_sample` without processors: the argmax of
+        the float32 logits, finished rows padded, the token appended (at `column + 1`) and fed as the next input
+        (mask column set, position + 1), the rows that produced an end-of-sequence id finished, and `stopped` set
+        once all rows are."""
+        next_B = logits_B1V[:, -1].float().argmax(dim=-1)
+        if self.eos is not None:
+            next_B = next_B * self.unfinished + self.pad * (1 - self.unfinished)
+            ended_B = (next_B[:, None] == self.eos[None, :]).any(dim=-1)
+            self.unfinished.copy_(self.unfinished & ~ended_B)
+            self.stopped.copy_(self.unfinished.max() == 0)
+        self.column += 1
+        self.tokens.scatter_(1, self.column, next_B[:, None])
+        # Past the cache (the token at the length limit, never fed): the last column, which nothing reads again.
+        self.mask.scatter_(1, self.column.clamp(max=self.mask_length - 1), 1)
+        self.position_ids += 1
+        self.input_ids.copy_(next_B[:, None])
+
+    def start_greedy(self, sequences_BS: torch.Tensor, unfinished_B: torch.Tensor, pad_token_id) -> None:
+        """After `start`: the sequences so far [B, S] (prompt + the first generated token, which is fed next at
+        column S - 1), the rows not finished [B], the padding id of finished rows (a tensor or None)."""
+        length = sequences_BS.shape[1]
+        self.tokens[:, :length].copy_(sequences_BS)
+        self.column.fill_(length - 1)
+        self.mask[:, length - 1] = 1
+        self.position_ids += 1
+        self.input_ids.copy_(sequences_BS[:, -1:])
+        self.unfinished.copy_(unfinished_B)
+        self.stopped.fill_(False)
+        if pad_token_id is not None:
+            self.pad.copy_(pad_token_id)
+
+    def _run(self) -> torch.Tensor:
+        """One step on the buffers as they are -> logits [B, 1, V] (with a graph: its output buffer, overwritten by
+        the next step)."""
+        if self.graph is None:
+            return self._step(self.cache_ref())
+        self.graph.replay()
+        return self.logits
+
+    def start(self, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None) -> None:
+        """Prepare `advance` after a prefill: attention_mask [B, S0] is the padding mask of the S0 tokens already
+        in the cache (S0 < cache length), position_ids [B, S0] their positions (default: counted from the mask,
+        as `replay`)."""
+        restore_cache_tensors(self.cache_ref(), self.cache_tensors)
+        self.mask.zero_()
+        self.mask[:, : attention_mask.shape[1]].copy_(attention_mask)
+        if position_ids is None:
+            self.position_ids.copy_(attention_mask.sum(dim=-1, keepdim=True) - 1)
+        else:
+            self.position_ids.copy_(position_ids[:, -1:])
+
+    def advance(self, tokens_B: torch.Tensor, column: int) -> torch.Tensor:
+        """Feed one new token per row (tokens_B [B], a real token at mask column `column`, the next free one; its
+        position is one past the row's previous token) -> logits [B, 1, V], valid until the next step. Three small
+        copies and the replay: no host sync, nothing that `generate()`'s own loop prepares per token."""
+        self.input_ids.copy_(tokens_B[:, None])
+        self.mask[:, column] = 1
+        self.position_ids += 1
+        return self._run()
 
     def replay(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None):
         """input_ids [B, 1], attention_mask [B, S'] over past + new tokens (S' <= cache length), position_ids
@@ -1769,8 +2019,7 @@ class DecodeGraph:
         if position_ids is None:
             position_ids = attention_mask.sum(dim=-1, keepdim=True) - 1
         self.position_ids.copy_(position_ids[:, -1:])
-        self.graph.replay()
-        return self.logits.clone()
+        return self._run().clone()
 
 
 __all__ = [

@@ -200,3 +200,43 @@ def test_beam_search_on_a_static_cache_equals_beam_search_on_a_dynamic_cache():
     kwargs = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, num_beams=3, pad_token_id=0,
                   attention_mask=torch.ones_like(ids))
     assert torch.equal(model.generate(ids, cache_implementation="static", **kwargs), model.generate(ids, **kwargs))
+
+
+GENERATE_CASES = {
+    "greedy": dict(do_sample=False, max_new_tokens=12),
+    "one token": dict(do_sample=False, max_new_tokens=1),
+    "sampling, top-k, temperature": dict(do_sample=True, max_new_tokens=12, top_k=5, temperature=0.7),
+    "processors": dict(do_sample=False, max_new_tokens=12, min_new_tokens=10, repetition_penalty=1.3),
+    # Most tokens end a row: the rows finish at different steps and the whole batch before the length limit.
+    "eos, greedy": dict(do_sample=False, max_new_tokens=20, eos_token_id=list(range(2, 200)), pad_token_id=0),
+    "eos, sampling": dict(do_sample=True, max_new_tokens=20, eos_token_id=list(range(2, 100)), pad_token_id=0),
+}
+
+
+@pytest.mark.parametrize("case", list(GENERATE_CASES))
+def test_generate_loop_on_the_decode_graph_equals_transformers_loop(monkeypatch, case):
+    """`sample_on_decode_graph` (generate()'s loop with the stop flag read STOP_CHECK_LAG steps late and the steps
+    past the end dropped) returns what transformers' `_sample` returns. On the CPU the DecodeGraph runs its step
+    eagerly on the same buffers; `serves` is forced to take the path (on CUDA it is taken as is)."""
+    from modeling_deepseek_v3 import modeling_deepseek_v3 as modeling
+
+    loops = []
+    original = modeling.sample_on_decode_graph
+    monkeypatch.setattr(modeling.DecodeGraph, "serves", staticmethod(lambda x: True))
+    monkeypatch.setattr(modeling, "sample_on_decode_graph", lambda *args: loops.append(1) or original(*args))
+    model = random_model(tiny_config(), seed=3)
+    ids = torch.randint(2, 512, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding
+    outputs = []
+    for graph in (True, False):
+        model.config.cuda_graph_decode = graph
+        torch.manual_seed(1)
+        outputs.append(model.generate(ids, attention_mask=mask, cache_implementation="static", **GENERATE_CASES[case]))
+    assert loops == [1], "generate() did not run sample_on_decode_graph"
+    assert outputs[0].shape == outputs[1].shape and torch.equal(outputs[0], outputs[1])
+    # Greedy without processors picks the tokens inside the graph step (its key ends with the eos ids).
+    picks_in_graph = any(key[-1] is not None for key in model.__dict__.get("_decode_graphs", {}))
+    assert picks_in_graph == (case in ("greedy", "eos, greedy"))
+    if case.startswith("eos"):
+        assert outputs[0].shape[1] < ids.shape[1] + 20  # stopped on end-of-sequence, before the length limit

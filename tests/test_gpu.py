@@ -144,6 +144,33 @@ def test_generate_with_static_cache_and_cuda_graph_matches_dynamic_greedy_tokens
     assert torch.equal(model.generate(ids, cache_implementation="static", **kwargs), model.generate(ids, **kwargs))
 
 
+@pytest.mark.parametrize("sample, eos", [(False, list(range(2, 120))), (False, None), (True, list(range(2, 120)))])
+def test_generate_loop_on_the_decode_graph_equals_transformers_loop_on_cuda(monkeypatch, sample, eos):
+    # sample_on_decode_graph (no host sync per token, stop flags read late, extra steps dropped; greedy picks its
+    # tokens inside the graph) against transformers' own loop on the eager forward. With `eos`, most tokens end a
+    # row, so rows stop at different steps; without, the steps run to the length limit (the last cache slot).
+    from modeling_deepseek_v3 import modeling_deepseek_v3 as modeling
+
+    loops = []
+    original = modeling.sample_on_decode_graph
+    monkeypatch.setattr(modeling, "sample_on_decode_graph", lambda *args: loops.append(1) or original(*args))
+    model = random_model(tiny_config(), seed=3).cuda()
+    ids = torch.randint(2, 512, (3, 12), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    kwargs = dict(max_new_tokens=24, do_sample=sample, eos_token_id=eos, pad_token_id=0, attention_mask=mask,
+                  cache_implementation="static", disable_compile=True)
+    if sample:
+        kwargs["top_k"] = 8
+    outputs = []
+    for graph in (True, False):
+        model.config.cuda_graph_decode = graph
+        torch.manual_seed(5)
+        outputs.append(model.generate(ids, **kwargs))
+    assert loops == [1], "generate() did not run sample_on_decode_graph"
+    assert torch.equal(outputs[0], outputs[1])
+
+
 def test_beam_search_replays_the_graph_on_a_reordered_static_cache():
     # Beam search reorders the static cache between steps (new tensors); the replay copies them back into the
     # tensors the graph addresses (restore_cache_tensors), so the beams equal those of the dynamic cache.
@@ -203,8 +230,8 @@ def test_repeated_generate_reuses_the_static_cache_and_its_captured_graph():
     before = DecodeGraph.captures
     replays = []
     graph = next(iter(model._decode_graphs.values()))
-    original = graph.replay
-    graph.replay = lambda *a: replays.append(1) or original(*a)
+    original = graph._run  # under replay() (transformers' loop) and advance() (sample_on_decode_graph)
+    graph._run = lambda: replays.append(1) or original()
     again = model.generate(ids, **kwargs)
     assert torch.equal(first, again)
     assert DecodeGraph.captures == before and len(replays) == 5
