@@ -341,8 +341,9 @@ if triton is not None:
 
     @triton.jit
     def _moe_combine_kernel(
-        y_ptr, weight_ptr, shared_ptr, residual_ptr, out_ptr, D, stride_y, stride_s, stride_r,
-        K: tl.constexpr, HAS_SHARED: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
+        y_ptr, weight_ptr, shared_ptr, residual_ptr, out_ptr, T, D, stride_y, stride_s, stride_r,
+        K: tl.constexpr, HAS_SHARED: tl.constexpr, SHARED_PARTS: tl.constexpr, BLOCK_D: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         if PDL:
             gdc_launch_dependents()
@@ -358,6 +359,13 @@ if triton is not None:
         out = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
         if HAS_SHARED:
             shared = tl.load(shared_ptr + token * stride_s + cols, mask=mask, other=0.0).to(tl.float32)
+            out = (out + shared).to(out_ptr.dtype.element_ty).to(tl.float32)
+        if SHARED_PARTS > 0:  # the shared experts' output as float32 parts in y's rows T*K + t*S + s: their sum,
+            shared = tl.zeros((BLOCK_D,), dtype=tl.float32)  # rounded once as the eager down projection's output
+            for part in tl.static_range(SHARED_PARTS):
+                row = T * K + token * SHARED_PARTS + part
+                shared += tl.load(y_ptr + row * stride_y + cols, mask=mask, other=0.0)
+            shared = shared.to(out_ptr.dtype.element_ty).to(tl.float32)
             out = (out + shared).to(out_ptr.dtype.element_ty).to(tl.float32)
         residual = tl.load(residual_ptr + token * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + token * D + cols, (residual + out).to(out_ptr.dtype.element_ty), mask=mask)
@@ -663,14 +671,19 @@ def add_rms_norm(
 
 
 def moe_combine(y_PD: torch.Tensor, weight_TK: torch.Tensor, shared_TD: torch.Tensor | None,
-                residual_TD: torch.Tensor) -> torch.Tensor:
+                residual_TD: torch.Tensor, shared_parts: int = 0) -> torch.Tensor:
     """The end of a MoE layer for a few tokens in one pass: `residual + ((sum_k w_k * y_k) + shared)`, with the
     eager path's roundings (the float32 routed sum to the activation dtype, then each add).
 
     y_PD [T * K, D] float32 (each (token, slot) pair's expert output, token-major), weight_TK [T, K] float32,
-    shared_TD [T, D] or None, residual_TD [T, D] (the activation dtype) -> [T, D] in residual's dtype."""
+    shared_TD [T, D] or None, residual_TD [T, D] (the activation dtype) -> [T, D] in residual's dtype. With
+    `shared_parts` S > 0 (no shared_TD), y_PD holds T * S more rows, the shared experts' output in S float32 parts
+    per token (as `moe_kernels.expert_down` appends them), summed and rounded here."""
     T, K = weight_TK.shape
     D = y_PD.shape[-1]
+    if shared_parts and (shared_TD is not None or y_PD.shape[0] != T * (K + shared_parts)):
+        raise ValueError(f"moe_combine: shared_parts={shared_parts} needs y [T*(K+S), D] = [{T * (K + shared_parts)},"
+                         f" {D}] and no shared_TD; found y {tuple(y_PD.shape)}")
     out = torch.empty(T, D, dtype=residual_TD.dtype, device=residual_TD.device)
     shared_arg = shared_TD if shared_TD is not None else residual_TD
     for name, t in (("y_PD", y_PD), ("shared_TD", shared_arg), ("residual_TD", residual_TD)):
@@ -678,8 +691,8 @@ def moe_combine(y_PD: torch.Tensor, weight_TK: torch.Tensor, shared_TD: torch.Te
             raise ValueError(f"moe_combine: {name} needs a contiguous last dim")
     block = 256
     _moe_combine_kernel[(T, triton.cdiv(D, block))](
-        y_PD, weight_TK.contiguous(), shared_arg, residual_TD, out, D, y_PD.stride(0), shared_arg.stride(0),
-        residual_TD.stride(0), K=K, HAS_SHARED=shared_TD is not None, BLOCK_D=block,
+        y_PD, weight_TK.contiguous(), shared_arg, residual_TD, out, T, D, y_PD.stride(0), shared_arg.stride(0),
+        residual_TD.stride(0), K=K, HAS_SHARED=shared_TD is not None, SHARED_PARTS=shared_parts, BLOCK_D=block,
         **_launch_options(y_PD), num_warps=2,
     )
     return out

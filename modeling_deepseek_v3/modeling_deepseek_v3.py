@@ -846,11 +846,17 @@ class DeepseekV3Experts(nn.Module):
         y_PD = self._triton_pairs(x_TD, topk_idx_TK)
         return (y_PD * topk_weight_TK.reshape(-1, 1)).view(T, K, -1).sum(dim=1)
 
-    def _triton_pairs(self, x_TD, topk_idx_TK):
-        # Each (token, slot) pair's expert output, float32 [T * K, D], token-major (the combine is the caller's).
+    def _triton_pairs(self, x_TD, topk_idx_TK, shared_experts: nn.Module | None = None):
+        # Each (token, slot) pair's expert output, float32 [T * K, D], token-major (the combine is the caller's);
+        # with `shared_experts` (a plain DeepseekV3MLP of S expert widths), their S float32 parts per token after.
         flat_expert = topk_idx_TK.reshape(-1)
-        h_PI = expert_gate_up_act(x_TD.contiguous(), self.gate_up_proj, flat_expert, topk_idx_TK.shape[1])
-        return expert_down(h_PI, self.down_proj, flat_expert)
+        shared_gate = shared_up = shared_down = None
+        if shared_experts is not None:
+            shared_gate, shared_up = shared_experts.gate_proj.weight, shared_experts.up_proj.weight
+            shared_down = shared_experts.down_proj.weight
+        h_PI = expert_gate_up_act(x_TD.contiguous(), self.gate_up_proj, flat_expert, topk_idx_TK.shape[1],
+                                  shared_gate=shared_gate, shared_up=shared_up)
+        return expert_down(h_PI, self.down_proj, flat_expert, shared_down=shared_down)
 
     def _forward_grouped_mm(self, x_TD, topk_idx_TK, topk_weight_TK):
         order, token, offsets = sort_by_expert(topk_idx_TK, self.num_experts)
@@ -1009,14 +1015,32 @@ class DeepseekV3MoE(nn.Module):
         x_TD = hidden_states.reshape(-1, D)
         token_mask_T = token_mask_BT.reshape(-1) if token_mask_BT is not None else None
         if residual is not None and self._decode_combine(x_TD):
-            # decode_kernels: router (2 launches), routed experts (2), shared experts (2), then the weighted sum,
-            # the shared output and the residual in one combine.
+            # decode_kernels: router (2 launches), routed and shared experts (2: the shared experts' S parts of
+            # expert width ride along as S more pairs per token; 2 more launches where their weights are not
+            # plain), then the weighted sum, the shared output and the residual in one combine.
             topk_idx, topk_weight, _ = self.gate(x_TD, token_mask_T)
+            if self._shared_in_expert_kernels(x_TD):
+                y_PD = self.experts._triton_pairs(x_TD, topk_idx, self.shared_experts)
+                parts = self.config.n_shared_experts
+                return moe_combine(y_PD, topk_weight, None, residual.reshape(-1, D), parts).view(B, T, D), None
             y_PD = self.experts._triton_pairs(x_TD, topk_idx)
             shared = self.shared_experts(hidden_states).reshape(-1, D) if self.shared_experts is not None else None
             return moe_combine(y_PD, topk_weight, shared, residual.reshape(-1, D)).view(B, T, D), None
         out, aux_loss = self._forward(hidden_states, x_TD, token_mask_BT, token_mask_T)
         return (out if residual is None else residual + out), aux_loss
+
+    def _shared_in_expert_kernels(self, x_TD: torch.Tensor) -> bool:
+        """The shared experts can run inside the routed experts' kernels: plain SiLU MLP weights in the experts'
+        dtype, n_shared_experts parts of the routed experts' width."""
+        shared = self.shared_experts
+        return bool(
+            type(shared) is DeepseekV3MLP
+            and self.config.hidden_act == "silu"
+            and all(_plain_weight(lin, x_TD) for lin in (shared.gate_proj, shared.up_proj, shared.down_proj))
+            and shared.gate_proj.weight.dtype == self.experts.gate_up_proj.dtype
+            and shared.gate_proj.out_features == self.config.n_shared_experts * self.config.moe_intermediate_size
+            and all(lin.weight.is_contiguous() for lin in (shared.gate_proj, shared.up_proj, shared.down_proj))
+        )
 
     def _decode_combine(self, x_TD: torch.Tensor) -> bool:
         return (

@@ -34,8 +34,8 @@ if triton is not None:
 
     @triton.jit
     def _gate_up_act_kernel(
-        x_ptr, w_ptr, expert_ptr, out_ptr, K, I, D,
-        stride_xt, stride_we, stride_wr, stride_op,
+        x_ptr, w_ptr, expert_ptr, shared_gate_ptr, shared_up_ptr, out_ptr, K, P_ROUTED, S, I, D,
+        stride_xt, stride_we, stride_wr, stride_sr, stride_op,
         BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
     ):
         if PDL:  # see decode_kernels.USE_PDL; the experts to read come from the router's kernel
@@ -43,20 +43,29 @@ if triton is not None:
             gdc_wait()
         pair = tl.program_id(0)
         block = tl.program_id(1)
-        token = pair // K
-        expert = tl.load(expert_ptr + pair).to(tl.int64)
+        if pair < P_ROUTED:  # (token, slot) pair: rows [0, I) of expert e's gate_up block are gate, [I, 2I) up
+            token = pair // K
+            expert = tl.load(expert_ptr + pair).to(tl.int64)
+            gate_base = w_ptr + expert * stride_we
+            up_base = gate_base + I * stride_wr
+            stride_r = stride_wr
+        else:  # (token, part) of the shared experts: rows [part * I, (part + 1) * I) of their gate and up weights
+            token = (pair - P_ROUTED) // S
+            part = ((pair - P_ROUTED) % S).to(tl.int64)
+            gate_base = shared_gate_ptr + part * I * stride_sr
+            up_base = shared_up_ptr + part * I * stride_sr
+            stride_r = stride_sr
         rows = block * BLOCK_I + tl.arange(0, BLOCK_I)
         row_mask = rows < I
         acc_gate = tl.zeros((BLOCK_I,), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_I,), dtype=tl.float32)
-        w_base = w_ptr + expert * stride_we
         for start in range(0, D, BLOCK_D):
             cols = start + tl.arange(0, BLOCK_D)
             col_mask = cols < D
             x = tl.load(x_ptr + token * stride_xt + cols, mask=col_mask, other=0.0).to(tl.float32)
             mask = row_mask[:, None] & col_mask[None, :]
-            w_gate = tl.load(w_base + rows[:, None] * stride_wr + cols[None, :], mask=mask, other=0.0)
-            w_up = tl.load(w_base + (rows[:, None] + I) * stride_wr + cols[None, :], mask=mask, other=0.0)
+            w_gate = tl.load(gate_base + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
+            w_up = tl.load(up_base + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
             acc_gate += tl.sum(w_gate.to(tl.float32) * x[None, :], axis=1)
             acc_up += tl.sum(w_up.to(tl.float32) * x[None, :], axis=1)
         # SiLU in float32, then the product rounded once to the activation dtype.
@@ -65,8 +74,8 @@ if triton is not None:
 
     @triton.jit
     def _down_kernel(
-        h_ptr, w_ptr, expert_ptr, out_ptr, D, I,
-        stride_hp, stride_we, stride_wr, stride_op,
+        h_ptr, w_ptr, expert_ptr, shared_down_ptr, out_ptr, P_ROUTED, S, D, I,
+        stride_hp, stride_we, stride_wr, stride_sr, stride_op,
         BLOCK_D: tl.constexpr, BLOCK_I: tl.constexpr, PDL: tl.constexpr,
     ):
         if PDL:
@@ -74,16 +83,22 @@ if triton is not None:
             gdc_wait()
         pair = tl.program_id(0)
         block = tl.program_id(1)
-        expert = tl.load(expert_ptr + pair).to(tl.int64)
+        if pair < P_ROUTED:  # expert e's down_proj [D, I]
+            expert = tl.load(expert_ptr + pair).to(tl.int64)
+            w_base = w_ptr + expert * stride_we
+            stride_r = stride_wr
+        else:  # columns [part * I, (part + 1) * I) of the shared experts' down_proj [D, S * I]
+            part = ((pair - P_ROUTED) % S).to(tl.int64)
+            w_base = shared_down_ptr + part * I
+            stride_r = stride_sr
         rows = block * BLOCK_D + tl.arange(0, BLOCK_D)
         row_mask = rows < D
         acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        w_base = w_ptr + expert * stride_we
         for start in range(0, I, BLOCK_I):
             cols = start + tl.arange(0, BLOCK_I)
             col_mask = cols < I
             h = tl.load(h_ptr + pair * stride_hp + cols, mask=col_mask, other=0.0).to(tl.float32)
-            w = tl.load(w_base + rows[:, None] * stride_wr + cols[None, :],
+            w = tl.load(w_base + rows[:, None] * stride_r + cols[None, :],
                         mask=row_mask[:, None] & col_mask[None, :], other=0.0)
             acc += tl.sum(w.to(tl.float32) * h[None, :], axis=1)
         tl.store(out_ptr + pair * stride_op + rows, acc, mask=row_mask)
@@ -175,33 +190,71 @@ GATE_UP_TILE = (2, 2048, 2)
 DOWN_TILE = (2, 2048, 8)
 
 
+def _shared_parts(shared: tuple | None, I: int, D: int, dtype: torch.dtype, what: str) -> int:
+    """How many expert-width parts S the shared experts' weights hold (0 without them), after checking them."""
+    if shared is None:
+        return 0
+    for name, w in shared:
+        if w.dim() != 2 or w.stride(-1) != 1 or w.dtype != dtype:
+            raise ValueError(f"{what}: {name} must be a 2D {dtype} weight with a contiguous last dim; found "
+                             f"{tuple(w.shape)} {w.dtype}")
+    gate_up = what == "expert_gate_up_act"  # gate/up weights are [S*I, D], the down weight [D, S*I]
+    width = shared[0][1].shape[0 if gate_up else 1]
+    expected = (width, D) if gate_up else (D, width)
+    if width % I or any(tuple(w.shape) != expected for _, w in shared):
+        raise ValueError(f"{what}: the shared experts' weights must be {expected} with a multiple of the expert "
+                         f"width {I} on the intermediate side; found {[tuple(w.shape) for _, w in shared]}")
+    return width // I
+
+
 def expert_gate_up_act(x_TD: torch.Tensor, gate_up_proj: torch.Tensor, flat_expert: torch.Tensor, K: int,
-                       tile: tuple[int, int, int] | None = None) -> torch.Tensor:
+                       tile: tuple[int, int, int] | None = None, shared_gate: torch.Tensor | None = None,
+                       shared_up: torch.Tensor | None = None) -> torch.Tensor:
     """x_TD [T, D], gate_up_proj [E, 2I, D] (contiguous), flat_expert [T*K] -> silu(gate) * up [T*K, I] in x's
-    dtype (SiLU only: the DeepSeek-V3 activation)."""
+    dtype (SiLU only: the DeepSeek-V3 activation).
+
+    With the shared experts' gate and up weights [S*I, D] (S expert-width parts; `DeepseekV3MLP` of width S*I), the
+    same launch appends their T*S rows: row T*K + t*S + s is part s of the shared experts for token t."""
     P, I, D = flat_expert.numel(), gate_up_proj.shape[1] // 2, x_TD.shape[1]
+    pairs = None if shared_gate is None else (("shared_gate", shared_gate), ("shared_up", shared_up))
+    S = _shared_parts(pairs, I, D, gate_up_proj.dtype, "expert_gate_up_act")
+    if S and shared_gate.stride(0) != shared_up.stride(0):
+        raise ValueError("expert_gate_up_act: shared_gate and shared_up need the same row stride")
+    shared_gate = gate_up_proj if shared_gate is None else shared_gate
+    shared_up = gate_up_proj if shared_up is None else shared_up
     block_i, block_d, warps = tile or GATE_UP_TILE
-    out = torch.empty(P, I, dtype=x_TD.dtype, device=x_TD.device)
-    grid = (P, triton.cdiv(I, block_i))
+    out = torch.empty(P + x_TD.shape[0] * S, I, dtype=x_TD.dtype, device=x_TD.device)
+    grid = (out.shape[0], triton.cdiv(I, block_i))
     _gate_up_act_kernel[grid](
-        x_TD, gate_up_proj, flat_expert, out, K, I, D,
-        x_TD.stride(0), gate_up_proj.stride(0), gate_up_proj.stride(1), out.stride(0),
+        x_TD, gate_up_proj, flat_expert, shared_gate, shared_up, out, K, P, max(S, 1), I, D,
+        x_TD.stride(0), gate_up_proj.stride(0), gate_up_proj.stride(1), shared_gate.stride(0), out.stride(0),
         BLOCK_I=block_i, BLOCK_D=block_d, **_launch_options(x_TD), num_warps=warps,
     )
     return out
 
 
 def expert_down(h_PI: torch.Tensor, down_proj: torch.Tensor, flat_expert: torch.Tensor,
-                tile: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """h_PI [T*K, I], down_proj [E, D, I] (contiguous), flat_expert [T*K] -> float32 [T*K, D]."""
-    P, I = h_PI.shape
+                tile: tuple[int, int, int] | None = None, shared_down: torch.Tensor | None = None) -> torch.Tensor:
+    """h_PI [T*K, I], down_proj [E, D, I] (contiguous), flat_expert [T*K] -> float32 [T*K, D].
+
+    With the shared experts' down weight [D, S*I], h_PI also holds their T*S rows after the routed ones (as
+    `expert_gate_up_act` appends them) and the output has T*K + T*S rows: part s of the shared experts' down
+    projection for token t at row T*K + t*S + s (their sum over s is the shared experts' output)."""
+    P_routed = flat_expert.numel()
+    I = h_PI.shape[1]
     D = down_proj.shape[1]
+    S = _shared_parts(None if shared_down is None else (("shared_down", shared_down),), I, D, down_proj.dtype,
+                      "expert_down")
+    extra = h_PI.shape[0] - P_routed
+    if extra < 0 or (extra and not S) or (S and extra % S):
+        raise ValueError(f"expert_down: h has {h_PI.shape[0]} rows for {P_routed} routed pairs and {S} shared parts")
+    shared_down = down_proj if shared_down is None else shared_down
     block_d, block_i, warps = tile or DOWN_TILE
-    out = torch.empty(P, D, dtype=torch.float32, device=h_PI.device)
-    grid = (P, triton.cdiv(D, block_d))
+    out = torch.empty(h_PI.shape[0], D, dtype=torch.float32, device=h_PI.device)
+    grid = (out.shape[0], triton.cdiv(D, block_d))
     _down_kernel[grid](
-        h_PI, down_proj, flat_expert, out, D, I,
-        h_PI.stride(0), down_proj.stride(0), down_proj.stride(1), out.stride(0),
+        h_PI, down_proj, flat_expert, shared_down, out, P_routed, max(S, 1), D, I,
+        h_PI.stride(0), down_proj.stride(0), down_proj.stride(1), shared_down.stride(0), out.stride(0),
         BLOCK_D=block_d, BLOCK_I=block_i, **_launch_options(h_PI), num_warps=warps,
     )
     return out

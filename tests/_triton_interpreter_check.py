@@ -147,12 +147,49 @@ def main():
         assert relative_max_diff(y_fused.grad, y_eager.grad) < tolerance
         assert relative_max_diff(w_fused.grad, w_eager.grad) < TOLERANCE
 
+    check_decode_experts_with_shared_parts()
+
     saved = []
     x = torch.randn(32, 64, dtype=torch.bfloat16, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t):
         rms_norm_training(x, torch.ones(64, dtype=torch.bfloat16), 1e-6)
     assert sum(saved) == 32 * 64 * 2 + 64 * 2 + 32 * 4  # x, the weight, one float32 scale per row
     print("ok")
+
+
+def check_decode_experts_with_shared_parts():
+    """The decode MoE kernels with the shared experts as S more pairs per token (`expert_gate_up_act`,
+    `expert_down`, `moe_combine(shared_parts=S)`) against the eager layer's math: residual + (routed + shared).
+    Their loops run over a runtime bound, which Triton's interpreter runs from 3.9 on (3.6's could not)."""
+    import triton
+
+    from modeling_deepseek_v3 import moe_kernels
+
+    if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 9):
+        print(f"decode experts: not run (Triton {triton.__version__}'s interpreter cannot run their loops)")
+        return
+    T, K, E, I, D = 3, 4, 8, 48, 64
+    for S in (1, 2):
+        x = torch.randn(T, D)
+        gate_up, down = torch.randn(E, 2 * I, D) * 0.1, torch.randn(E, D, I) * 0.1
+        shared_gate, shared_up = torch.randn(S * I, D) * 0.1, torch.randn(S * I, D) * 0.1
+        shared_down = torch.randn(D, S * I) * 0.1
+        idx = torch.stack([torch.randperm(E)[:K] for _ in range(T)])
+        weight, residual = torch.rand(T, K), torch.randn(T, D)
+        # Tiles smaller than I and D: several blocks per pair, masked edges.
+        h = moe_kernels.expert_gate_up_act(x, gate_up, idx.reshape(-1), K, tile=(32, 32, 4), shared_gate=shared_gate,
+                                           shared_up=shared_up)
+        y = moe_kernels.expert_down(h, down, idx.reshape(-1), tile=(16, 32, 4), shared_down=shared_down)
+        out = kernels.moe_combine(y, weight, None, residual, shared_parts=S)
+
+        def expert(e, v):
+            gate, up = (gate_up[e] @ v).chunk(2)
+            return down[e] @ (torch.nn.functional.silu(gate) * up)
+
+        routed = torch.stack([sum(weight[t, k] * expert(idx[t, k], x[t]) for k in range(K)) for t in range(T)])
+        shared = (torch.nn.functional.silu(x @ shared_gate.T) * (x @ shared_up.T)) @ shared_down.T
+        assert y.shape == (T * (K + S), D)
+        assert relative_max_diff(out, residual + (routed + shared)) < TOLERANCE
 
 
 if __name__ == "__main__":

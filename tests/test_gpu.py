@@ -217,6 +217,27 @@ def test_triton_decode_experts_equal_the_eager_loop(tokens, dtype, tolerance):
     assert relative_max_diff(experts._forward_gather(x, topk_idx, topk_weight), eager) < tolerance
 
 
+@pytest.mark.parametrize("n_shared", [1, 2])
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+def test_shared_experts_inside_the_routed_kernels_equal_the_separate_and_eager_moe(monkeypatch, n_shared, dtype,
+                                                                                     tolerance):
+    from modeling_deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+
+    config = tiny_config(hidden_size=512, moe_intermediate_size=320, n_shared_experts=n_shared)
+    moe = random_model(config, seed=2).cuda().to(dtype).model.layers[1].mlp
+    x = torch.randn(3, 1, 512, device="cuda", dtype=dtype)
+    residual = torch.randn_like(x)
+    with torch.no_grad():
+        assert moe._decode_combine(x.view(-1, 512)) and moe._shared_in_expert_kernels(x.view(-1, 512))
+        fused, _ = moe(x, residual=residual)
+        monkeypatch.setattr(DeepseekV3MoE, "_shared_in_expert_kernels", lambda self, x: False)
+        separate, _ = moe(x, residual=residual)
+        config.decode_kernels = False
+        eager, _ = moe(x, residual=residual)
+    assert relative_max_diff(fused, separate) < tolerance
+    assert relative_max_diff(fused, eager) < tolerance
+
+
 def test_repeated_generate_reuses_the_static_cache_and_its_captured_graph():
     from modeling_deepseek_v3.modeling_deepseek_v3 import DecodeGraph
 
