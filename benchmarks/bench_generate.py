@@ -167,7 +167,7 @@ def measure(model, args, vocab) -> dict:
             # cache: our CUDA graph is captured once, in the warm-up.
             static = StaticCache(config=model.config, max_cache_len=context_len + args.decode_steps + 1)
 
-            def decode():
+            def decode(static=static):  # bound now: the name is deleted after the row
                 cache = None
                 if cache_kind == "static":
                     static.reset()
