@@ -1617,19 +1617,25 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
             **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
         )
 
-    def _can_replay_decode(self, input_ids, attention_mask, past_key_values, use_cache) -> bool:
-        """Whether this call is a decode step the CUDA-graph path serves: `config.cuda_graph_decode`, inference
-        (no grad, eval mode), one new token per row on CUDA, a 2D padding mask, an initialized static cache
-        (fixed-size tensors, length kept on the device), and the whole model on one device (a graph is captured
-        on one device's stream: a `device_map` split over GPUs or with offloading runs the eager step)."""
+    def _decode_graph_serves(self, input_ids: torch.Tensor | None) -> bool:
+        """The captured decode graph can run this model's inference on `input_ids`: `config.cuda_graph_decode`,
+        no grad, eval mode, a CUDA device (`DecodeGraph.serves`), and the whole model on that one device (a graph is
+        captured on one device's stream: a `device_map` split over GPUs or with offloading runs the eager step)."""
         return bool(
             self.config.cuda_graph_decode
+            and input_ids is not None
+            and DecodeGraph.serves(input_ids)
             and len(set((getattr(self, "hf_device_map", None) or {"": 0}).values())) == 1
             and not self.training
             and not torch.is_grad_enabled()
+        )
+
+    def _can_replay_decode(self, input_ids, attention_mask, past_key_values, use_cache) -> bool:
+        """Whether this call is a decode step the CUDA-graph path serves: `_decode_graph_serves`, one new token
+        per row, a 2D padding mask, an initialized static cache (fixed-size tensors, length kept on the device)."""
+        return bool(
+            self._decode_graph_serves(input_ids)
             and use_cache is not False
-            and input_ids is not None
-            and DecodeGraph.serves(input_ids)
             and input_ids.shape[1] == 1
             and attention_mask is not None
             and attention_mask.dim() == 2
@@ -1656,20 +1662,16 @@ class DeepseekV3ForCausalLM(DeepseekV3PreTrainedModel, GenerationMixin):
 
     def _can_sample_on_graph(self, input_ids, stopping_criteria, generation_config, synced_gpus, streamer,
                              model_kwargs) -> bool:
-        """The decode graph can run generate()'s loop: `config.cuda_graph_decode`, inference on one CUDA device,
-        generate()'s own static cache (the steps run past the end write its slots only), a 2D padding mask over
-        the prompt (and its 2D positions, if given), a length limit, and nothing that needs the host every token or
-        more than the sequences back (streamer, `return_dict_in_generate`, `synced_gpus`, assisted decoding) nor
-        model inputs the graph does not take (token_type_ids, ...)."""
+        """The decode graph can run generate()'s loop: `_decode_graph_serves`, generate()'s own static cache (the
+        steps run past the end write its slots only), a 2D padding mask over the prompt (and its 2D positions, if
+        given), a length limit, and nothing that needs the host every token or more than the sequences back
+        (streamer, `return_dict_in_generate`, `synced_gpus`, assisted decoding) nor model inputs the graph does not
+        take (token_type_ids, ...)."""
         own = self.__dict__.get("_generate_static_cache")
-        cache = next((model_kwargs[name] for name in ("cache", "past_key_values") if name in model_kwargs), None)
+        cache = _the_cache(model_kwargs.get("past_key_values"), model_kwargs.get("cache"))
         mask = model_kwargs.get("attention_mask")
         return bool(
-            self.config.cuda_graph_decode
-            and DecodeGraph.serves(input_ids)
-            and len(set((getattr(self, "hf_device_map", None) or {"": 0}).values())) == 1
-            and not self.training
-            and not torch.is_grad_enabled()
+            self._decode_graph_serves(input_ids)
             and not synced_gpus
             and streamer is None
             and not generation_config.return_dict_in_generate
@@ -1790,7 +1792,7 @@ def sample_on_decode_graph(model, input_ids, logits_processor, stopping_criteria
     input_ids [B, S0] (the prompt) -> sequences [B, S] (prompt + generated tokens, as `_sample` returns them)."""
     B, prompt_length = input_ids.shape
     max_length = stopping_criteria.max_length
-    cache = next(model_kwargs[name] for name in ("cache", "past_key_values") if name in model_kwargs)
+    cache = _the_cache(model_kwargs.get("past_key_values"), model_kwargs.get("cache"))
     greedy_eos = _greedy_in_graph(logits_processor, stopping_criteria, generation_config)
     outputs = model._prefill(input_ids, generation_config, model_kwargs, is_first_iteration=True)
     logits_BV = outputs.logits[:, -1]
@@ -1818,10 +1820,11 @@ def sample_on_decode_graph(model, input_ids, logits_processor, stopping_criteria
         flags.push(length, unfinished_B.max() == 0, last=length >= max_length)
         if flags.stop_length is not None:
             break
-        if greedy_eos is not None:
-            # The first token came from the prefill's logits; the graph picks the rest.
+        if graph is None:
             graph = model._decode_graph(cache, B, greedy_eos=greedy_eos)
             graph.start(model_kwargs["attention_mask"], model_kwargs.get("position_ids"))
+        if greedy_eos is not None:
+            # The first token came from the prefill's logits; the graph picks the rest.
             graph.start_greedy(sequences[:, :length], unfinished_B, pad_token_id)
             while flags.stop_length is None:
                 graph._run()  # reads the token at column length - 1, writes the next at column `length`
@@ -1829,9 +1832,6 @@ def sample_on_decode_graph(model, input_ids, logits_processor, stopping_criteria
                 flags.push(length, graph.stopped, last=length >= max_length)
             sequences = graph.tokens
             break
-        if graph is None:
-            graph = model._decode_graph(cache, B)
-            graph.start(model_kwargs["attention_mask"], model_kwargs.get("position_ids"))
         logits_BV = graph.advance(tokens_B, length - 1)[:, -1]
     return sequences[:, : flags.stop_length].clone()
 
@@ -1992,9 +1992,7 @@ class DecodeGraph:
         length = sequences_BS.shape[1]
         self.tokens[:, :length].copy_(sequences_BS)
         self.column.fill_(length - 1)
-        self.mask[:, length - 1] = 1
-        self.position_ids += 1
-        self.input_ids.copy_(sequences_BS[:, -1:])
+        self._feed(sequences_BS[:, -1], length - 1)
         self.unfinished.copy_(unfinished_B)
         self.stopped.fill_(False)
         if pad_token_id is not None:
@@ -2020,13 +2018,17 @@ class DecodeGraph:
         else:
             self.position_ids.copy_(position_ids[:, -1:])
 
-    def advance(self, tokens_B: torch.Tensor, column: int) -> torch.Tensor:
-        """Feed one new token per row (tokens_B [B], a real token at mask column `column`, the next free one; its
-        position is one past the row's previous token) -> logits [B, 1, V], valid until the next step. Three small
-        copies and the replay: no host sync, nothing that `generate()`'s own loop prepares per token."""
+    def _feed(self, tokens_B: torch.Tensor, column: int) -> None:
+        """The next step's input: one new token per row (tokens_B [B]), a real token at mask column `column` (the
+        next free one), its position one past the row's previous token."""
         self.input_ids.copy_(tokens_B[:, None])
         self.mask[:, column] = 1
         self.position_ids += 1
+
+    def advance(self, tokens_B: torch.Tensor, column: int) -> torch.Tensor:
+        """`_feed` these tokens and run the step -> logits [B, 1, V], valid until the next step. Three small copies
+        and the replay: no host sync, nothing that `generate()`'s own loop prepares per token."""
+        self._feed(tokens_B, column)
         return self._run()
 
     def replay(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None):
