@@ -190,20 +190,22 @@ GATE_UP_TILE = (2, 2048, 2)
 DOWN_TILE = (2, 2048, 8)
 
 
-def _shared_parts(shared: tuple | None, I: int, D: int, dtype: torch.dtype, what: str) -> int:
-    """How many expert-width parts S the shared experts' weights hold (0 without them), after checking them."""
-    if shared is None:
+def _shared_parts(what: str, weights: dict, width_dim: int, I: int, D: int, dtype: torch.dtype) -> int:
+    """How many expert-width parts S the shared experts' weights hold (0 when none is given), after checking them:
+    `weights` maps argument names to 2D weights whose dim `width_dim` is the intermediate side (S * I) and whose
+    other dim is D."""
+    if all(w is None for w in weights.values()):
         return 0
-    for name, w in shared:
-        if w.dim() != 2 or w.stride(-1) != 1 or w.dtype != dtype:
-            raise ValueError(f"{what}: {name} must be a 2D {dtype} weight with a contiguous last dim; found "
-                             f"{tuple(w.shape)} {w.dtype}")
-    gate_up = what == "expert_gate_up_act"  # gate/up weights are [S*I, D], the down weight [D, S*I]
-    width = shared[0][1].shape[0 if gate_up else 1]
-    expected = (width, D) if gate_up else (D, width)
-    if width % I or any(tuple(w.shape) != expected for _, w in shared):
+    for name, w in weights.items():
+        if w is None or w.dim() != 2 or w.stride(-1) != 1 or w.dtype != dtype:
+            found = None if w is None else f"{tuple(w.shape)} {w.dtype}"
+            raise ValueError(f"{what}: {name} must be a 2D {dtype} weight with a contiguous last dim (the shared "
+                             f"experts' weights come together: {', '.join(weights)}); found {found}")
+    width = next(iter(weights.values())).shape[width_dim]
+    expected = (width, D) if width_dim == 0 else (D, width)
+    if width % I or any(tuple(w.shape) != expected for w in weights.values()):
         raise ValueError(f"{what}: the shared experts' weights must be {expected} with a multiple of the expert "
-                         f"width {I} on the intermediate side; found {[tuple(w.shape) for _, w in shared]}")
+                         f"width {I} on the intermediate side; found {[tuple(w.shape) for w in weights.values()]}")
     return width // I
 
 
@@ -216,8 +218,8 @@ def expert_gate_up_act(x_TD: torch.Tensor, gate_up_proj: torch.Tensor, flat_expe
     With the shared experts' gate and up weights [S*I, D] (S expert-width parts; `DeepseekV3MLP` of width S*I), the
     same launch appends their T*S rows: row T*K + t*S + s is part s of the shared experts for token t."""
     P, I, D = flat_expert.numel(), gate_up_proj.shape[1] // 2, x_TD.shape[1]
-    pairs = None if shared_gate is None else (("shared_gate", shared_gate), ("shared_up", shared_up))
-    S = _shared_parts(pairs, I, D, gate_up_proj.dtype, "expert_gate_up_act")
+    S = _shared_parts("expert_gate_up_act", {"shared_gate": shared_gate, "shared_up": shared_up}, 0, I, D,
+                      gate_up_proj.dtype)
     if S and shared_gate.stride(0) != shared_up.stride(0):
         raise ValueError("expert_gate_up_act: shared_gate and shared_up need the same row stride")
     shared_gate = gate_up_proj if shared_gate is None else shared_gate
@@ -243,8 +245,7 @@ def expert_down(h_PI: torch.Tensor, down_proj: torch.Tensor, flat_expert: torch.
     P_routed = flat_expert.numel()
     I = h_PI.shape[1]
     D = down_proj.shape[1]
-    S = _shared_parts(None if shared_down is None else (("shared_down", shared_down),), I, D, down_proj.dtype,
-                      "expert_down")
+    S = _shared_parts("expert_down", {"shared_down": shared_down}, 1, I, D, down_proj.dtype)
     extra = h_PI.shape[0] - P_routed
     if extra < 0 or (extra and not S) or (S and extra % S):
         raise ValueError(f"expert_down: h has {h_PI.shape[0]} rows for {P_routed} routed pairs and {S} shared parts")
