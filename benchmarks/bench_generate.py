@@ -142,24 +142,26 @@ def measure(model, args, vocab) -> dict:
                                    "(end-of-sequence id): pick another prompt seed")
         return run
 
+    def ms_per_token(**extra):
+        # A call of decode_steps + 1 tokens against a 1-token call (the prefill and the first token cancel out).
+        n = args.decode_steps + 1
+        long, short = timed(generate(n, **extra), args.repeats), timed(generate(1), args.repeats)
+        return (long - short) / args.decode_steps * 1e3
+
     start = time.perf_counter()
     generate(2)()
     torch.cuda.synchronize()
     results["generate_first_call_s"] = time.perf_counter() - start
     captures = getattr(DecodeGraph, "captures", 0)
-    long, short = timed(generate(args.decode_steps + 1), args.repeats), timed(generate(1), args.repeats)
-    results["generate_b1_static"] = {"ms_per_token": (long - short) / args.decode_steps * 1e3,
+    results["generate_b1_static"] = {"ms_per_token": ms_per_token(),
                                      "graph_captures": getattr(DecodeGraph, "captures", 0) - captures}
     if hasattr(type(model), "_can_sample_on_graph"):
         # Ours with a logits processor (min_new_tokens: the processor, argmax and criteria run between replays),
         # and in transformers' own loop (a host sync per token; each step still replays the graph).
-        n = args.decode_steps + 1
-        long, short = timed(generate(n, min_new_tokens=n), args.repeats), timed(generate(1), args.repeats)
-        results["generate_b1_static_processor"] = {"ms_per_token": (long - short) / args.decode_steps * 1e3}
+        results["generate_b1_static_processor"] = {"ms_per_token": ms_per_token(min_new_tokens=args.decode_steps + 1)}
         model._can_sample_on_graph = lambda *args: False
-        long, short = timed(generate(n), args.repeats), timed(generate(1), args.repeats)
+        results["generate_b1_static_transformers_loop"] = {"ms_per_token": ms_per_token()}
         del model._can_sample_on_graph
-        results["generate_b1_static_transformers_loop"] = {"ms_per_token": (long - short) / args.decode_steps * 1e3}
     for context_len, batch in decode_rows(args):
         context = torch.randint(2, vocab, (batch, context_len), device="cuda", generator=generator)
         for cache_kind in ("dynamic", "static"):
