@@ -139,3 +139,23 @@ def test_triton_kernels_equal_the_eager_ops_in_the_triton_interpreter():
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, env=env,
                             cwd=script.parent)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout[-2000:] + result.stderr[-3000:]
+
+
+def test_decode_expert_kernels_name_a_missing_or_misshaped_shared_expert_weight():
+    from modeling_deepseek_v3 import decode_kernels, moe_kernels
+
+    def t(*shape):
+        return torch.zeros(*shape, dtype=torch.bfloat16)
+
+    experts = torch.arange(6)
+    with pytest.raises(ValueError, match="shared_up must be a 2D torch.bfloat16 weight.*found None"):
+        moe_kernels.expert_gate_up_act(t(1, 2048), t(64, 2816, 2048), experts, 6, shared_gate=t(2816, 2048))
+    with pytest.raises(ValueError, match=r"must be \(2816, 2048\) with a multiple of the expert width 1408"):
+        moe_kernels.expert_gate_up_act(t(1, 2048), t(64, 2816, 2048), experts, 6, shared_gate=t(2816, 2048),
+                                       shared_up=t(2000, 2048))
+    with pytest.raises(ValueError, match=r"must be \(2048, 2000\) with a multiple of the expert width 1408"):
+        moe_kernels.expert_down(t(8, 1408), t(64, 2048, 1408), experts, shared_down=t(2048, 2000))
+    with pytest.raises(ValueError, match="h has 7 rows for 6 routed pairs and 2 shared parts"):
+        moe_kernels.expert_down(t(7, 1408), t(64, 2048, 1408), experts, shared_down=t(2048, 2816))
+    with pytest.raises(ValueError, match="shared_parts=2 needs y"):
+        decode_kernels.moe_combine(torch.zeros(7, 2048), torch.rand(1, 6), None, t(1, 2048), shared_parts=2)
