@@ -5,14 +5,15 @@ backward of one batch (`--batch` x `--seq` random tokens, labels = inputs, no op
 like the weights and set to None after each step) with and without gradient checkpointing. Then moves the weights to
 host memory, builds transformers' built-in `DeepseekV3ForCausalLM` from the same state dict and measures it the
 same way. Prints tokens/s, peak GPU memory (weights and gradients included), MFU and the ratios. `--compile model|layers`
-applies the same `torch.compile` to both models.
+applies the same `torch.compile` to both models; `--cuda-graph` replays both models' forward + backward as CUDA graphs
+(`training.GraphedTrainingStep`; its peak includes the warm-up and the capture).
 
 Both models train as they would in a real run: ours computes the LM loss, the sequence-wise balance loss and counts
 the routed tokens for the bias update (and the MTP loss with `--mtp`; the built-in has no MTP module, so the
 default compares without it); the built-in computes the LM loss.
 
     python benchmarks/bench_train.py --preset deepseek-v3-lite --layers 8 --seq 4096 --batch 1 [--compile layers]
-        [--no-training-kernels]
+        [--no-training-kernels] [--cuda-graph]
 """
 
 import argparse
@@ -25,7 +26,12 @@ import transformers
 from bench_generate import timed
 
 from modeling_deepseek_v3 import DeepseekV3Config, DeepseekV3ForCausalLM
-from modeling_deepseek_v3.training import peak_bf16_flops, set_activation_checkpointing, training_flops_per_token
+from modeling_deepseek_v3.training import (
+    GraphedTrainingStep,
+    peak_bf16_flops,
+    set_activation_checkpointing,
+    training_flops_per_token,
+)
 
 PRESETS = Path(__file__).resolve().parent.parent / "configuration"
 
@@ -52,14 +58,39 @@ def measure(model, args, vocab: int) -> dict:
             loss.backward()
             model.zero_grad(set_to_none=True)
 
+        key = "checkpointing" if checkpointing else "plain"
+        if args.cuda_graph:
+            # The eager loss of the same batch, to check the replay against.
+            eager_loss = step_fn(input_ids=ids, labels=ids).loss.item()
+            model.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()  # the graph's memory is allocated while capturing
+            graphed = GraphedTrainingStep(model, forward=None if step_fn is model else step_fn)
+            try:
+                graphed_loss = graphed(ids, ids).loss.item()
+                model.zero_grad(set_to_none=True)  # each timed step writes the gradients, as the eager steps do
+            except Exception as error:  # report and go on with the other rows
+                print(f"  {key}: capture failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
+                continue
+            print(f"  {key}: loss eager {eager_loss:.6f}, graphed {graphed_loss:.6f}", flush=True)
+
+            def step():  # noqa: F811 (the graphed form of the step above)
+                graphed(ids, ids)
+                model.zero_grad(set_to_none=True)
+
         for _ in range(args.warmup):
             step()
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()  # the peak of the timed steps, after the warm-ups' compilation
+        if not args.cuda_graph:
+            torch.cuda.reset_peak_memory_stats()  # the peak of the timed steps, after the warm-ups' compilation
         seconds = timed(step, args.steps, warmup=0)
-        key = "checkpointing" if checkpointing else "plain"
         results[key] = {"tokens_per_s": args.batch * args.seq / seconds, "step_ms": seconds * 1e3,
-                        "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+                        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+                        "reserved_gib": torch.cuda.memory_reserved() / 2**30}
+        if args.cuda_graph:
+            del graphed, step
+            gc.collect()
+            torch.cuda.empty_cache()
         print(f"  {key}: {results[key]}", flush=True)
     set_activation_checkpointing(model, False)
     return results
@@ -88,6 +119,8 @@ def main():
     parser.add_argument("--mtp", action="store_true", help="keep the preset's MTP module (ours only)")
     parser.add_argument("--compile", choices=["model", "layers"],
                         help="torch.compile both models: the whole model, or each decoder layer (regional)")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="both models' forward + backward replayed as CUDA graphs (GraphedTrainingStep)")
     parser.add_argument("--skip-builtin", action="store_true")
     parser.add_argument("--training-kernels", action=argparse.BooleanOptionalAction, default=True,
                         help="ours with config.training_kernels (the default; --no-training-kernels: the eager ops)")
@@ -126,16 +159,22 @@ def main():
           f"{config.num_hidden_layers} layers{' + MTP' if args.mtp else ''}, {n_params / 1e9:.2f}B parameters, bf16 "
           f"weights and gradients, batch {args.batch} x {args.seq} tokens, forward + backward"
           f"{f', torch.compile ({args.compile})' if args.compile else ', eager'}"
+          f"{', CUDA graphs' if args.cuda_graph else ''}"
           f"{', ours with training_kernels' if args.training_kernels else ', ours without training_kernels'}")
     print(f"{'workload':<34} {'ours':>10} {'transformers':>13} {'ratio':>7}")
     for key in ("plain", "checkpointing"):
-        o, t = rows["ours"][key], rows.get("transformers", {}).get(key)
+        o, t = rows["ours"].get(key), rows.get("transformers", {}).get(key)
         label = "grad checkpointing" if key == "checkpointing" else "no checkpointing"
+        if o is None:
+            print(f"{label + ': ours has no result':<34}")
+            continue
         theirs_tps = f"{t['tokens_per_s']:13.0f}" if t else f"{'-':>13}"
         ratio = f"{o['tokens_per_s'] / t['tokens_per_s']:6.2f}x" if t else ""
         print(f"{label + ', tokens/s':<34} {o['tokens_per_s']:10.0f} {theirs_tps} {ratio}")
         theirs_mem = f"{t['peak_gib']:13.2f}" if t else f"{'-':>13}"
         print(f"{label + ', peak GiB':<34} {o['peak_gib']:10.2f} {theirs_mem}")
+        theirs_reserved = f"{t['reserved_gib']:13.2f}" if t else f"{'-':>13}"
+        print(f"{label + ', reserved GiB':<34} {o['reserved_gib']:10.2f} {theirs_reserved}")
         if peak:
             mfu = lambda r: flops / (r["step_ms"] / 1e3) / peak  # noqa: E731
             theirs_mfu = f"{mfu(t):13.1%}" if t else f"{'-':>13}"

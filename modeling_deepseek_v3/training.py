@@ -12,13 +12,16 @@ the loss parts and the expert load.
   reporter (TensorBoard, W&B, the console) sees them;
 - `mtp_loss_weight_schedule`: [(from_step, lambda), ...], e.g. [(0, 0.3), (N, 0.1)] as in the paper.
 
-A plain PyTorch loop calls `model.update_expert_bias()` after each `optimizer.step()` itself.
+A plain PyTorch loop calls `model.update_expert_bias()` after each `optimizer.step()` itself, and can run its
+forward + backward as CUDA graph replays with `GraphedTrainingStep`.
 """
 
 from pathlib import Path
 
+import torch
 from transformers import Trainer, TrainerCallback
 
+from .modeling_deepseek_v3 import DeepseekV3CausalLMOutputWithPast
 from .official_checkpoint import CheckpointReader
 
 LOSS_PARTS = ("lm_loss", "mtp_loss", "aux_loss")
@@ -122,6 +125,190 @@ class DeepseekV3Trainer(Trainer):
         return super().log(logs, *args, **kwargs)
 
 
+# Eager forward + backward runs before the first capture: lazy initialization (cuBLAS and cuDNN plans, Triton
+# compilation and autotuning) must happen outside the graph.
+GRAPH_WARMUP_STEPS = 2
+
+
+class GraphedTrainingStep:
+    """Forward + backward of a causal LM on batches of one shape, replayed as CUDA graphs.
+
+    An eager training step launches about 2,000 kernels from Python; on a V3-Lite layer stack the host needs about as
+    long to launch them as the GPU needs to run them, so the GPU waits (benchmarks/RESULTS.md). A captured step is
+    one launch and runs at the GPU's pace:
+
+        step = GraphedTrainingStep(model)                     # captures at the first call
+        for batch in loader:                                  # full blocks of one shape (no padding)
+            out = step(batch["input_ids"], batch["labels"])   # out.loss, out.lm_loss, out.mtp_loss, out.aux_loss
+            optimizer.step()
+            model.update_expert_bias()
+            optimizer.zero_grad()
+
+    Gradients land in `p.grad` as in eager training: where they are None (after `zero_grad()`), a call writes them;
+    where they are set, it adds to them (gradient accumulation, as a second graph captured when first needed, in the
+    first one's memory). The routed-token counts for `update_expert_bias()` add up as in eager training, and the
+    bias it updates in place is read by the next replay. The returned losses are copies; logits are not kept.
+
+    Fixed at capture, and captured again when they change: the input shapes, whether `num_items_in_batch` is
+    given, `model.training`, autocast, gradient checkpointing, `config.mtp_loss_weight` (the MTP weight schedule
+    changes it) and `config.aux_loss_alpha`. Any other change to the model needs a new GraphedTrainingStep.
+    `forward` runs in place of `model` (e.g. `torch.compile(model)`). `capture=False` runs each call eagerly (the
+    reference); the default captures when every parameter is on one CUDA device.
+
+    Not supported (ValueError): a wrapped model (DistributedDataParallel and FSDP communicate inside backward), capture
+    with parameters off CUDA or on several devices. Padding masks are not taken: pack documents into full blocks.
+    """
+
+    def __init__(self, model: torch.nn.Module, forward=None, capture: bool | None = None):
+        if hasattr(model, "module"):
+            raise ValueError(
+                f"GraphedTrainingStep: expected the model itself, found a {type(model).__name__} wrapper "
+                "(DistributedDataParallel and FSDP communicate inside backward, which a captured graph cannot replay)"
+            )
+        devices = {p.device for p in model.parameters()}
+        on_one_gpu = len(devices) == 1 and next(iter(devices)).type == "cuda"
+        if capture and not on_one_gpu:
+            raise ValueError(
+                "GraphedTrainingStep: capture needs every parameter on one CUDA device, found "
+                f"{sorted(map(str, devices))}"
+            )
+        self.model = model
+        self.forward = model if forward is None else forward
+        self.capture = on_one_gpu if capture is None else capture
+        self.device = next(iter(devices))
+        self.captures = 0  # graphs captured so far (the write graph and the accumulate graph count one each)
+        self._key = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self._inputs: dict[str, torch.Tensor] = {}
+        self._graphs: dict[bool, tuple[torch.cuda.CUDAGraph, dict]] = {}  # accumulate? -> (graph, static outputs)
+        self._params: list[torch.nn.Parameter] = []
+        self._grads: list[torch.Tensor] = []  # the write graph's gradient tensors, one per entry of _params
+
+    def _capture_key(self, input_ids, labels, num_items_in_batch) -> tuple:
+        model, config = self.model, self.model.config
+        device_type = self.device.type
+        autocast = torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type)
+        return (
+            tuple(input_ids.shape), input_ids.dtype, tuple(labels.shape), num_items_in_batch is not None,
+            model.training, autocast, getattr(model, "is_gradient_checkpointing", False),
+            getattr(config, "mtp_loss_weight", None), getattr(config, "aux_loss_alpha", None),
+        )
+
+    def __call__(self, input_ids: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None):
+        """input_ids, labels [B, T] (labels shifted inside the model; -100 = ignore); `num_items_in_batch`: the
+        token count of the whole optimizer step, as the Trainer passes it (the losses are then sums over it).
+        Returns the model's output class with `loss` and its parts (copies) and no logits."""
+        if input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
+            raise ValueError(f"GraphedTrainingStep: input_ids must be integer [B, T], found {input_ids.dtype} "
+                             f"{list(input_ids.shape)}")
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"GraphedTrainingStep: labels has shape {list(labels.shape)}, expected input_ids' shape "
+                             f"{list(input_ids.shape)}")
+        if not self.capture:
+            return self._outputs_of(self._forward_backward(input_ids, labels, num_items_in_batch))
+        key = self._capture_key(input_ids, labels, num_items_in_batch)
+        if key != self._key:
+            self._reset()
+            self._key = key
+        self._feed(input_ids, labels, num_items_in_batch)
+        if False not in self._graphs:
+            self._capture_write()
+        accumulate = self._prepare_grads()
+        if accumulate not in self._graphs:
+            self._capture_graph(accumulate)
+        graph, outputs = self._graphs[accumulate]
+        graph.replay()
+        for param, grad in zip(self._params, self._grads):
+            param.grad = grad
+        return self._outputs_of(outputs)
+
+    def _forward_backward(self, input_ids, labels, num_items_in_batch) -> dict:
+        kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
+        output = self.forward(input_ids=input_ids, labels=labels, use_cache=False, **kwargs)
+        names = ("loss",) + LOSS_PARTS
+        losses = {name: getattr(output, name) for name in names if getattr(output, name, None) is not None}
+        del output  # the logits (1 GB at 4k tokens of a 129k vocabulary) are not kept through backward
+        losses["loss"].backward()
+        return losses
+
+    def _outputs_of(self, outputs: dict) -> DeepseekV3CausalLMOutputWithPast:
+        return DeepseekV3CausalLMOutputWithPast(**{name: value.detach().clone() for name, value in outputs.items()})
+
+    def _feed(self, input_ids, labels, num_items_in_batch) -> None:
+        values = {"input_ids": input_ids, "labels": labels}
+        if num_items_in_batch is not None:
+            values["num_items_in_batch"] = torch.as_tensor(num_items_in_batch)
+        for name, value in values.items():
+            if name not in self._inputs:
+                self._inputs[name] = torch.empty(value.shape, dtype=value.dtype, device=self.device)
+            self._inputs[name].copy_(value, non_blocking=True)
+
+    def _static_forward_backward(self) -> dict:
+        inputs = self._inputs
+        return self._forward_backward(inputs["input_ids"], inputs["labels"], inputs.get("num_items_in_batch"))
+
+    def _prepare_grads(self) -> bool:
+        """Whether this call adds to gradients. All None: the write graph. Otherwise every parameter's gradient
+        moves into the graph's tensor (None counts as zero; one that is not the graph's, e.g. from an eager
+        step, is copied in) and the accumulate graph adds to them."""
+        current = [param.grad for param in self._params]
+        if all(grad is None for grad in current):
+            return False
+        for param, grad, static in zip(self._params, current, self._grads):
+            if grad is None:
+                static.zero_()
+            elif grad is not static:
+                static.copy_(grad)
+            param.grad = static
+        return True
+
+    def _capture_write(self) -> None:
+        """Warm up eagerly on a side stream, then capture the step that writes the gradients. The warm-up's
+        gradients and routed-token counts are discarded; gradients the parameters had before are put back."""
+        trainable = [param for param in self.model.parameters() if param.requires_grad]
+        before = [param.grad for param in trainable]
+        routers = self.model.expert_routers() if hasattr(self.model, "expert_routers") else []
+        counts = [router.expert_load.clone() for router in routers]
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(GRAPH_WARMUP_STEPS):
+                for param in trainable:
+                    param.grad = None
+                self._static_forward_backward()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        for param in trainable:
+            param.grad = None
+        torch.cuda.empty_cache()  # the warm-up's blocks; the graph allocates from its own pool
+        self._capture_graph(accumulate=False)
+        self._params = [param for param in trainable if param.grad is not None]
+        self._grads = [param.grad for param in self._params]
+        for param, grad in zip(trainable, before):
+            param.grad = grad
+        with torch.no_grad():
+            for router, count in zip(routers, counts):
+                router.expert_load.copy_(count)
+
+    def _capture_graph(self, accumulate: bool) -> None:
+        graph = torch.cuda.CUDAGraph()
+        shared = next(iter(self._graphs.values()))[0].pool() if self._graphs else None
+        try:
+            with torch.cuda.graph(graph, pool=shared):
+                outputs = self._static_forward_backward()
+        except RuntimeError as error:
+            raise RuntimeError(
+                f"GraphedTrainingStep: capturing the {'accumulating' if accumulate else 'first'} training step "
+                f"failed ({str(error).splitlines()[0]}). A tensor kept from an eager step before it (its loss or "
+                "output) keeps that step's autograd graph, whose gradient nodes run on the default stream: delete it "
+                "first. Every operation in the step must also be capturable: no host syncs (.item(), .tolist(), "
+                "data-dependent shapes)."
+            ) from error
+        self._graphs[accumulate] = (graph, outputs)
+        self.captures += 1
+
+
 def set_activation_checkpointing(model, enabled: bool, **kwargs) -> None:
     """Turn gradient (activation) checkpointing of `model`'s layers on or off; `kwargs` go to the enable call
     (e.g. `gradient_checkpointing_kwargs={"use_reentrant": False}`). transformers 5.23 renamed the methods to
@@ -178,5 +365,5 @@ def peak_bf16_flops(device_name: str) -> float | None:
     return None
 
 
-__all__ = ["DeepseekV3Trainer", "ExpertBiasUpdateCallback", "MTPLossWeightSchedule", "peak_bf16_flops",
-           "set_activation_checkpointing", "training_flops_per_token"]
+__all__ = ["DeepseekV3Trainer", "ExpertBiasUpdateCallback", "GraphedTrainingStep", "MTPLossWeightSchedule",
+           "peak_bf16_flops", "set_activation_checkpointing", "training_flops_per_token"]

@@ -1,5 +1,7 @@
 """GPU checks (skipped without CUDA): the fast paths on the device they are for."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -97,6 +99,61 @@ def test_compiled_training_step_equals_the_eager_step():
     assert compiled_grads.keys() == eager_grads.keys()
     for name, eager in eager_grads.items():
         assert relative_max_diff(compiled_grads[name], eager) < 5e-2, name
+
+
+@pytest.mark.skipif(_grouped_mm is None, reason="this torch has no grouped_mm (torch < 2.8)")
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_graphed_training_step_equals_the_same_eager_steps(dtype, tolerance):
+    """GraphedTrainingStep against the same calls run eagerly on a copy of the model: losses, gradients and routed-token
+    counts after a write, an accumulating call, a bias update and zero_grad to None, zero_grad in place, gradients
+    left by an eager step, and a changed MTP weight (captured again). float32 takes the gather experts while
+    capturing (the eager loop syncs); a large balancing bias fixes every token's experts so rounding cannot flip a
+    route."""
+    from modeling_deepseek_v3.training import GraphedTrainingStep
+
+    eager = random_model(tiny_config(hidden_size=256, moe_intermediate_size=128), seed=14).cuda().to(dtype).train()
+    with torch.no_grad():
+        for router in eager.expert_routers():
+            router.e_score_correction_bias.copy_(torch.linspace(0, 30, router.n_routed_experts))
+    graphed = copy.deepcopy(eager)
+    step = GraphedTrainingStep(graphed)
+    batches = [torch.randint(2, 512, (2, 37), device="cuda") for _ in range(2)]
+
+    def both(ids):
+        out = eager(input_ids=ids, labels=ids, use_cache=False)
+        out.loss.backward()
+        graphed_out = step(ids, ids)
+        for name in ("loss", "lm_loss", "mtp_loss", "aux_loss"):
+            assert relative_max_diff(getattr(graphed_out, name), getattr(out, name).detach()) < tolerance, name
+        assert graphed_out.logits is None
+        grads = {n: p.grad for n, p in graphed.named_parameters() if p.grad is not None}
+        assert grads.keys() == {n for n, p in eager.named_parameters() if p.grad is not None}
+        for name, param in eager.named_parameters():
+            if param.grad is not None:
+                assert relative_max_diff(grads[name], param.grad) < tolerance, name
+        for ours, reference in zip(graphed.expert_routers(), eager.expert_routers()):
+            assert torch.equal(ours.expert_load, reference.expert_load)
+
+    both(batches[0])  # writes the gradients (the warm-up's gradients and counts are discarded)
+    both(batches[1])  # adds to them
+    assert step.captures == 2
+    for model in (eager, graphed):
+        model.update_expert_bias()
+        model.zero_grad(set_to_none=True)
+    both(batches[1])
+    for model in (eager, graphed):
+        model.zero_grad(set_to_none=False)
+    both(batches[0])
+    graphed.zero_grad(set_to_none=True)
+    eager.zero_grad(set_to_none=True)
+    for model in (eager, graphed):  # gradients from an eager step, then a graphed call adds to them
+        model(input_ids=batches[0], labels=batches[0], use_cache=False).loss.backward()
+    both(batches[1])
+    assert step.captures == 2
+    for model in (eager, graphed):
+        model.config.mtp_loss_weight = 0.05
+    both(batches[0])
+    assert step.captures == 4  # a new write graph and, since gradients were set, a new accumulate graph
 
 
 def test_cuda_float32_logits_and_greedy_tokens_match_builtin(tmp_path):

@@ -219,3 +219,49 @@ def test_sequence_balance_loss_with_a_full_mask_is_the_unmasked_loss():
             by_hand = 0.01 * (16 / (4 * 10) * count * s.mean(0)).sum()
             single = sequence_balance_loss(scores[:1], topk[:1], 0.01, True)
             assert torch.allclose(single, by_hand)
+
+
+def test_graphed_training_step_without_capture_is_the_model_s_own_step():
+    """On the CPU GraphedTrainingStep runs each call eagerly: the same losses and gradients as calling the model and
+    backward, and gradients add up over calls until they are zeroed. (The captured form: tests/test_gpu.py.)"""
+    from modeling_deepseek_v3.training import GraphedTrainingStep
+
+    reference = random_model(tiny_config()).train()
+    stepped = random_model(tiny_config()).train()
+    step = GraphedTrainingStep(stepped)
+    assert not step.capture
+    ids = torch.randint(2, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    for _ in range(2):
+        out = reference(input_ids=ids, labels=ids)
+        out.loss.backward()
+        ours = step(ids, ids)
+        for name in ("loss", "lm_loss", "mtp_loss", "aux_loss"):
+            torch.testing.assert_close(getattr(ours, name), getattr(out, name).detach())
+        assert ours.logits is None and not ours.loss.requires_grad
+    for (name, param), mine in zip(reference.named_parameters(), stepped.parameters()):
+        if param.grad is not None:
+            torch.testing.assert_close(mine.grad, param.grad, msg=name)
+    for ours, theirs in zip(stepped.expert_routers(), reference.expert_routers()):
+        assert torch.equal(ours.expert_load, theirs.expert_load)
+
+
+def test_graphed_training_step_rejects_what_it_cannot_replay():
+    from modeling_deepseek_v3.training import GraphedTrainingStep
+
+    model = random_model(tiny_config()).train()
+    with pytest.raises(ValueError, match="capture needs every parameter on one CUDA device"):
+        GraphedTrainingStep(model, capture=True)
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.module = model
+
+    with pytest.raises(ValueError, match="found a Wrapper wrapper"):
+        GraphedTrainingStep(Wrapper())
+    step = GraphedTrainingStep(model)
+    ids = torch.randint(2, 512, (2, 16))
+    with pytest.raises(ValueError, match=r"labels has shape \[2, 15\], expected input_ids' shape \[2, 16\]"):
+        step(ids, ids[:, 1:])
+    with pytest.raises(ValueError, match="input_ids must be integer"):
+        step(ids.float(), ids)
