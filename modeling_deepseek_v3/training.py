@@ -20,9 +20,12 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.utils import logging
 
 from .modeling_deepseek_v3 import DeepseekV3CausalLMOutputWithPast
 from .official_checkpoint import CheckpointReader
+
+logger = logging.get_logger(__name__)
 
 LOSS_PARTS = ("lm_loss", "mtp_loss", "aux_loss")
 LOGGED_LOAD_KEYS = ("max_over_mean_load", "max_over_mean_load_worst", "bias_norm")
@@ -78,28 +81,92 @@ class MTPLossWeightSchedule(TrainerCallback):
 class DeepseekV3Trainer(Trainer):
     """`transformers.Trainer` for DeepSeek-V3: bias update after each optimizer step, loss parts and expert-load
     statistics in the logs, optional MTP weight schedule. Takes Trainer's arguments plus
-    `mtp_loss_weight_schedule` (list of (from_step, lambda))."""
+    `mtp_loss_weight_schedule` (list of (from_step, lambda)) and `cuda_graph_step`.
 
-    def __init__(self, *args, mtp_loss_weight_schedule=None, **kwargs):
+    `cuda_graph_step=True` runs each micro-batch's forward + backward as a `GraphedTrainingStep` replay where that
+    is the same computation as Trainer's own step: one process on one GPU, no fp16 loss scaler, no custom loss or
+    label smoothing, batches of `input_ids` and `labels` (and an all-ones `attention_mask`) of the first batch's
+    shape. Any other micro-batch (a shorter last batch, padding) takes Trainer's eager step; a setup that never
+    qualifies is named in a warning once. Off CUDA (or across devices) the same step runs eagerly."""
+
+    def __init__(self, *args, mtp_loss_weight_schedule=None, cuda_graph_step: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.bias_callback = ExpertBiasUpdateCallback()
         self.add_callback(self.bias_callback)
         if mtp_loss_weight_schedule is not None:
             self.add_callback(MTPLossWeightSchedule(mtp_loss_weight_schedule))
         self._part_sums, self._parts_per_item, self._last_logged_step = {}, True, 0
+        self.cuda_graph_step = cuda_graph_step
+        self._graphed = None  # (GraphedTrainingStep, the input shape it serves)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         if model.training:
-            for name in LOSS_PARTS:
-                value = outputs.get(name) if hasattr(outputs, "get") else None
-                if value is not None:
-                    # Kept on the device: no host sync per micro-batch.
-                    self._part_sums[name] = self._part_sums.get(name, 0.0) + value.detach().float()
-            # With the step's token count the micro-batch parts add up to the step's value; without it each is
-            # a mean, and the step's value is their average.
-            self._parts_per_item = num_items_in_batch is not None
+            self._add_loss_parts(outputs, num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
+
+    def _add_loss_parts(self, outputs, num_items_in_batch) -> None:
+        for name in LOSS_PARTS:
+            value = outputs.get(name) if hasattr(outputs, "get") else None
+            if value is not None:
+                # Kept on the device: no host sync per micro-batch.
+                self._part_sums[name] = self._part_sums.get(name, 0.0) + value.detach().float()
+        # With the step's token count the micro-batch parts add up to the step's value; without it each is a mean,
+        # and the step's value is their average.
+        self._parts_per_item = num_items_in_batch is not None
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        step = self._graphed_step_for(model, inputs)
+        if step is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        model.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()
+        inputs = self._prepare_inputs(inputs)
+        # Trainer's scaling: a loss summed over the step's token count is already scaled for gradient
+        # accumulation; a mean loss is divided by the micro-batch count. accelerate divides by its own count.
+        passes_items = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)
+        scaled = passes_items if scaled is None else scaled
+        share = 1.0 if scaled else 1.0 / self.current_gradient_accumulation_steps
+        with self.compute_loss_context_manager():
+            outputs = step(inputs["input_ids"], inputs["labels"], num_items_in_batch if passes_items else None,
+                           loss_scale=share / self.accelerator.gradient_accumulation_steps)
+        self._add_loss_parts(outputs, num_items_in_batch if passes_items else None)
+        return outputs.loss * share
+
+    def _graphed_step_for(self, model, inputs) -> "GraphedTrainingStep | None":
+        """The captured step for this micro-batch, or None where Trainer's own step must run."""
+        if not self.cuda_graph_step:
+            return None
+        from accelerate.utils import DistributedType
+
+        reasons = {
+            "the model is wrapped (distributed or DataParallel)": model is not self.model,
+            "more than one process": self.accelerator.distributed_type != DistributedType.NO,
+            "DataParallel over several GPUs": self.args.n_gpu > 1,
+            "an fp16 loss scaler": self.accelerator.scaler is not None,
+            "a custom loss (compute_loss_func or label smoothing)": (
+                self.compute_loss_func is not None or self.label_smoother is not None
+            ),
+            "batches with keys other than input_ids, labels, attention_mask": not (
+                "labels" in inputs and set(inputs) <= {"input_ids", "labels", "attention_mask"}
+            ),
+        }
+        blocked = [reason for reason, applies in reasons.items() if applies]
+        if blocked:
+            if not getattr(self, "_warned_graph", False):
+                logger.warning("cuda_graph_step: Trainer's eager step runs instead (%s)", "; ".join(blocked))
+                self._warned_graph = True
+            return None
+        mask = inputs.get("attention_mask")
+        if mask is not None and not bool(mask.all()):
+            return None  # padding: the graph runs full blocks only
+        shape = tuple(inputs["input_ids"].shape)
+        if self._graphed is None:
+            self._graphed = (GraphedTrainingStep(self.model), shape)
+        step, served = self._graphed
+        return step if shape == served else None
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         """Resume from a checkpoint folder written by `save_pretrained` (official layout). transformers' version
@@ -128,6 +195,11 @@ class DeepseekV3Trainer(Trainer):
 # Eager forward + backward runs before the first capture: lazy initialization (cuBLAS and cuDNN plans, Triton
 # compilation and autotuning) must happen outside the graph.
 GRAPH_WARMUP_STEPS = 2
+
+
+def _on_one_gpu(model: torch.nn.Module) -> bool:
+    devices = {p.device for p in model.parameters()}
+    return len(devices) == 1 and next(iter(devices)).type == "cuda"
 
 
 class GraphedTrainingStep:
@@ -166,7 +238,7 @@ class GraphedTrainingStep:
                 "(DistributedDataParallel and FSDP communicate inside backward, which a captured graph cannot replay)"
             )
         devices = {p.device for p in model.parameters()}
-        on_one_gpu = len(devices) == 1 and next(iter(devices)).type == "cuda"
+        on_one_gpu = _on_one_gpu(model)
         if capture and not on_one_gpu:
             raise ValueError(
                 "GraphedTrainingStep: capture needs every parameter on one CUDA device, found "
@@ -196,10 +268,11 @@ class GraphedTrainingStep:
             getattr(config, "mtp_loss_weight", None), getattr(config, "aux_loss_alpha", None),
         )
 
-    def __call__(self, input_ids: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None):
+    def __call__(self, input_ids: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None, loss_scale: float = 1.0):
         """input_ids, labels [B, T] (labels shifted inside the model; -100 = ignore); `num_items_in_batch`: the
-        token count of the whole optimizer step, as the Trainer passes it (the losses are then sums over it).
-        Returns the model's output class with `loss` and its parts (copies) and no logits."""
+        token count of the whole optimizer step, as the Trainer passes it (the losses are then sums over it);
+        backward runs on `loss * loss_scale` (e.g. 1 / gradient-accumulation steps for mean losses). Returns the
+        model's output class with `loss` (unscaled) and its parts (copies), and no logits."""
         if input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
             raise ValueError(f"GraphedTrainingStep: input_ids must be integer [B, T], found {input_ids.dtype} "
                              f"{list(input_ids.shape)}")
@@ -207,12 +280,12 @@ class GraphedTrainingStep:
             raise ValueError(f"GraphedTrainingStep: labels has shape {list(labels.shape)}, expected input_ids' shape "
                              f"{list(input_ids.shape)}")
         if not self.capture:
-            return self._outputs_of(self._forward_backward(input_ids, labels, num_items_in_batch))
+            return self._outputs_of(self._forward_backward(input_ids, labels, num_items_in_batch, loss_scale))
         key = self._capture_key(input_ids, labels, num_items_in_batch)
         if key != self._key:
             self._reset()
             self._key = key
-        self._feed(input_ids, labels, num_items_in_batch)
+        self._feed(input_ids, labels, num_items_in_batch, loss_scale)
         if False not in self._graphs:
             self._capture_write()
         accumulate = self._prepare_grads()
@@ -224,30 +297,38 @@ class GraphedTrainingStep:
             param.grad = grad
         return self._outputs_of(outputs)
 
-    def _forward_backward(self, input_ids, labels, num_items_in_batch) -> dict:
+    def _forward_backward(self, input_ids, labels, num_items_in_batch, loss_scale) -> dict:
         kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
         output = self.forward(input_ids=input_ids, labels=labels, use_cache=False, **kwargs)
         names = ("loss",) + LOSS_PARTS
         losses = {name: getattr(output, name) for name in names if getattr(output, name, None) is not None}
         del output  # the logits (1 GB at 4k tokens of a 129k vocabulary) are not kept through backward
-        losses["loss"].backward()
+        (losses["loss"] * loss_scale).backward()
         return losses
 
     def _outputs_of(self, outputs: dict) -> DeepseekV3CausalLMOutputWithPast:
         return DeepseekV3CausalLMOutputWithPast(**{name: value.detach().clone() for name, value in outputs.items()})
 
-    def _feed(self, input_ids, labels, num_items_in_batch) -> None:
-        values = {"input_ids": input_ids, "labels": labels}
+    def _feed(self, input_ids, labels, num_items_in_batch, loss_scale) -> None:
+        # Python numbers are filled in (a kernel argument); a host tensor from pageable memory would make the copy
+        # wait for the GPU to finish the previous step.
+        values = {"input_ids": input_ids, "labels": labels, "loss_scale": float(loss_scale)}
         if num_items_in_batch is not None:
-            values["num_items_in_batch"] = torch.as_tensor(num_items_in_batch)
+            values["num_items_in_batch"] = num_items_in_batch
         for name, value in values.items():
             if name not in self._inputs:
-                self._inputs[name] = torch.empty(value.shape, dtype=value.dtype, device=self.device)
-            self._inputs[name].copy_(value, non_blocking=True)
+                like = torch.as_tensor(value)
+                self._inputs[name] = torch.empty(like.shape, dtype=like.dtype, device=self.device)
+            if torch.is_tensor(value):
+                self._inputs[name].copy_(value, non_blocking=True)
+            else:
+                self._inputs[name].fill_(value)
 
     def _static_forward_backward(self) -> dict:
         inputs = self._inputs
-        return self._forward_backward(inputs["input_ids"], inputs["labels"], inputs.get("num_items_in_batch"))
+        return self._forward_backward(
+            inputs["input_ids"], inputs["labels"], inputs.get("num_items_in_batch"), inputs["loss_scale"]
+        )
 
     def _prepare_grads(self) -> bool:
         """Whether this call adds to gradients. All None: the write graph. Otherwise every parameter's gradient

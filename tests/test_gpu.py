@@ -119,10 +119,10 @@ def test_graphed_training_step_equals_the_same_eager_steps(dtype, tolerance):
     step = GraphedTrainingStep(graphed)
     batches = [torch.randint(2, 512, (2, 37), device="cuda") for _ in range(2)]
 
-    def both(ids):
+    def both(ids, loss_scale=1.0):
         out = eager(input_ids=ids, labels=ids, use_cache=False)
-        out.loss.backward()
-        graphed_out = step(ids, ids)
+        (out.loss * loss_scale).backward()
+        graphed_out = step(ids, ids, loss_scale=loss_scale)
         for name in ("loss", "lm_loss", "mtp_loss", "aux_loss"):
             assert relative_max_diff(getattr(graphed_out, name), getattr(out, name).detach()) < tolerance, name
         assert graphed_out.logits is None
@@ -135,7 +135,7 @@ def test_graphed_training_step_equals_the_same_eager_steps(dtype, tolerance):
             assert torch.equal(ours.expert_load, reference.expert_load)
 
     both(batches[0])  # writes the gradients (the warm-up's gradients and counts are discarded)
-    both(batches[1])  # adds to them
+    both(batches[1], loss_scale=0.5)  # adds to them
     assert step.captures == 2
     for model in (eager, graphed):
         model.update_expert_bias()
@@ -154,6 +154,41 @@ def test_graphed_training_step_equals_the_same_eager_steps(dtype, tolerance):
         model.config.mtp_loss_weight = 0.05
     both(batches[0])
     assert step.captures == 4  # a new write graph and, since gradients were set, a new accumulate graph
+
+
+def test_trainer_cuda_graph_step_on_cuda_trains_as_trainer_s_own_step(tmp_path):
+    """DeepseekV3Trainer(cuda_graph_step=True) on a GPU: the captured step against Trainer's own (gradient
+    accumulation 2, MTP weight schedule: captured again at step 3): the same weights and logged losses. Routes are
+    fixed by a large balancing bias (float32 takes other expert kernels while capturing)."""
+    from test_training import RepeatedText
+    from transformers import TrainingArguments
+
+    from modeling_deepseek_v3.training import DeepseekV3Trainer
+
+    runs = []
+    for graphed in (False, True):
+        model = random_model(tiny_config(aux_loss_alpha=0.01, bias_update_speed=0.001), seed=5).cuda()
+        with torch.no_grad():
+            for router in model.expert_routers():
+                router.e_score_correction_bias.copy_(torch.linspace(0, 30, router.n_routed_experts))
+        args = TrainingArguments(output_dir=str(tmp_path / str(graphed)), per_device_train_batch_size=4,
+                                 gradient_accumulation_steps=2, learning_rate=3e-3, logging_steps=2, max_steps=4,
+                                 save_strategy="no", report_to=[], seed=0)
+        trainer = DeepseekV3Trainer(model=model, args=args, train_dataset=RepeatedText(), cuda_graph_step=graphed,
+                                    mtp_loss_weight_schedule=[(0, 0.3), (3, 0.1)])
+        trainer.train()
+        assert (trainer._graphed is not None) == graphed
+        if graphed:
+            assert trainer._graphed[0].capture and trainer._graphed[0].captures >= 2
+        runs.append((model, [entry for entry in trainer.state.log_history if "loss" in entry]))
+    (reference, reference_logs), (ours, our_logs) = runs
+    # AdamW turns float32 rounding differences of tiny gradients into lr-sized steps: 1e-3, not 1e-5. A wrong loss
+    # scale shows in the gradient norm (Adam's step is nearly scale-free).
+    for (name, expected), actual in zip(reference.state_dict().items(), ours.state_dict().values()):
+        assert relative_max_diff(actual.float(), expected.float()) < 1e-3, name
+    for expected, actual in zip(reference_logs, our_logs):
+        for key in ("loss", "lm_loss", "mtp_loss", "aux_loss", "grad_norm"):
+            assert actual[key] == pytest.approx(expected[key], rel=1e-3), key
 
 
 def test_cuda_float32_logits_and_greedy_tokens_match_builtin(tmp_path):

@@ -265,3 +265,28 @@ def test_graphed_training_step_rejects_what_it_cannot_replay():
         step(ids, ids[:, 1:])
     with pytest.raises(ValueError, match="input_ids must be integer"):
         step(ids.float(), ids)
+
+
+@pytest.mark.parametrize("loss_kwargs", [True, False])
+def test_trainer_with_cuda_graph_step_trains_exactly_as_trainer_s_own_step(tmp_path, loss_kwargs):
+    """`cuda_graph_step=True` (its eager form on the CPU; the captured form equals it: tests/test_gpu.py) against
+    Trainer's own step, with gradient accumulation 2: the same weights, balancing biases and logged losses, with the
+    loss summed over the step's token count (the model takes Trainer's loss kwargs) and as a mean per micro-batch."""
+    runs = []
+    for graphed in (False, True):
+        model = random_model(tiny_config(aux_loss_alpha=0.01, bias_update_speed=0.001), seed=5)
+        args = TrainingArguments(output_dir=str(tmp_path / str(graphed)), per_device_train_batch_size=4,
+                                 gradient_accumulation_steps=2, learning_rate=3e-3, logging_steps=2, max_steps=4,
+                                 save_strategy="no", report_to=[], use_cpu=True, seed=0)
+        trainer = DeepseekV3Trainer(model=model, args=args, train_dataset=RepeatedText(), cuda_graph_step=graphed,
+                                    mtp_loss_weight_schedule=[(0, 0.3), (3, 0.1)])
+        trainer.model_accepts_loss_kwargs = loss_kwargs
+        trainer.train()
+        assert (trainer._graphed is not None) == graphed
+        runs.append((model, [entry for entry in trainer.state.log_history if "loss" in entry]))
+    (reference, reference_logs), (ours, our_logs) = runs
+    for (name, expected), actual in zip(reference.state_dict().items(), ours.state_dict().values()):
+        torch.testing.assert_close(actual, expected, msg=name)
+    for expected, actual in zip(reference_logs, our_logs):
+        for key in ("loss", "lm_loss", "mtp_loss", "aux_loss", "grad_norm"):
+            assert actual[key] == pytest.approx(expected[key], rel=1e-5), key
