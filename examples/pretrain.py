@@ -63,6 +63,9 @@ def add_training_arguments(parser: argparse.ArgumentParser, lr: float, output_di
     group.add_argument("--torch-compile", action="store_true",
                        help="torch.compile the model (TrainingArguments.torch_compile): fuses the elementwise work; "
                             "a one-off compile before the first step")
+    group.add_argument("--cuda-graph-step", action="store_true",
+                       help="replay each micro-batch's forward + backward as a CUDA graph (DeepseekV3Trainer's "
+                            "cuda_graph_step): one launch a step instead of thousands; one GPU, full blocks")
 
 
 def apply_training_switches(config, args: argparse.Namespace) -> None:
@@ -134,6 +137,7 @@ def train_and_save(args: argparse.Namespace, model, tokenizer: PreTrainedTokeniz
         eval_dataset=eval_dataset,
         data_collator=default_data_collator,
         processing_class=tokenizer,
+        cuda_graph_step=args.cuda_graph_step,
     )
     result = trainer.train()
     if eval_dataset is not None:

@@ -51,9 +51,10 @@ def test_pretrain_saves_a_loadable_model_tokenizer_and_log_history(pretrained):
 
 
 def test_finetune_continues_from_a_checkpoint_with_mtp_off(pretrained, corpus, tmp_path):
+    # --cuda-graph-step: DeepseekV3Trainer's graphed step, in its eager form on the CPU.
     source, _ = pretrained
     run_example("finetune.py", "--model", source, "--train-files", corpus, "--block-size", "32", "--batch-size", "4",
-                "--max-steps", "3", "--logging-steps", "1", "--max-eval-blocks", "0", "--no-mtp",
+                "--max-steps", "3", "--logging-steps", "1", "--max-eval-blocks", "0", "--no-mtp", "--cuda-graph-step",
                 "--output-dir", tmp_path)
     model = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert model.config.mtp_loss_weight == 0.0
