@@ -347,30 +347,33 @@ class GraphedTrainingStep:
 
     def _capture_write(self) -> None:
         """Warm up eagerly on a side stream, then capture the step that writes the gradients. The warm-up's
-        gradients and routed-token counts are discarded; gradients the parameters had before are put back."""
+        gradients and routed-token counts are discarded, and the gradients the parameters had before are put
+        back, also when the capture fails."""
         trainable = [param for param in self.model.parameters() if param.requires_grad]
         before = [param.grad for param in trainable]
         routers = self.model.expert_routers() if hasattr(self.model, "expert_routers") else []
         counts = [router.expert_load.clone() for router in routers]
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(GRAPH_WARMUP_STEPS):
-                for param in trainable:
-                    param.grad = None
-                self._static_forward_backward()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        for param in trainable:
-            param.grad = None
-        torch.cuda.empty_cache()  # the warm-up's blocks; the graph allocates from its own pool
-        self._capture_graph(accumulate=False)
-        self._params = [param for param in trainable if param.grad is not None]
-        self._grads = [param.grad for param in self._params]
-        for param, grad in zip(trainable, before):
-            param.grad = grad
-        with torch.no_grad():
-            for router, count in zip(routers, counts):
-                router.expert_load.copy_(count)
+        try:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(GRAPH_WARMUP_STEPS):
+                    for param in trainable:
+                        param.grad = None
+                    self._static_forward_backward()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            for param in trainable:
+                param.grad = None
+            torch.cuda.empty_cache()  # the warm-up's blocks; the graph allocates from its own pool
+            self._capture_graph(accumulate=False)
+            self._params = [param for param in trainable if param.grad is not None]
+            self._grads = [param.grad for param in self._params]
+        finally:
+            for param, grad in zip(trainable, before):
+                param.grad = grad
+            with torch.no_grad():
+                for router, count in zip(routers, counts):
+                    router.expert_load.copy_(count)
 
     def _capture_graph(self, accumulate: bool) -> None:
         graph = torch.cuda.CUDAGraph()
