@@ -1285,43 +1285,56 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
         routers = self.expert_routers()
         return self._load_statistics(routers, [_all_reduced(router.expert_load) for router in routers], reset)
 
-    def _load_statistics(self, routers: list, loads: list, reset: bool) -> dict:
-        stats, ratios, bias_sq, tokens = {}, [], 0.0, 0.0
-        for router, load in zip(routers, loads):
-            total = float(load.sum())
-            ratio = float(load.max() / load.mean()) if total > 0 else float("nan")
-            bias = router.e_score_correction_bias
-            bias_norm = float(bias.norm()) if bias is not None else 0.0
+    def _load_statistics(self, routers: list, loads: list, reset: bool, as_tensors: bool = False) -> dict:
+        """The statistics of `expert_load_statistics` from `loads` (one per router), computed on the device in
+        float64 (token totals stay exact past 2**24). `as_tensors`: 0-dim device tensors, no host sync; else
+        Python floats (one sync)."""
+        if not routers:
+            nan = float("nan")
+            return {"max_over_mean_load": nan, "max_over_mean_load_worst": nan, "bias_norm": 0.0, "tokens_routed": 0.0}
+        device = loads[0].device
+        load_LE = torch.stack([load.to(device, torch.float64) for load in loads])
+        bias_L = torch.stack([
+            router.e_score_correction_bias.to(device, torch.float64).norm()
+            if router.e_score_correction_bias is not None else torch.zeros((), dtype=torch.float64, device=device)
+            for router in routers
+        ])
+        total_L = load_LE.sum(dim=1)
+        ratio_L = load_LE.amax(dim=1) / load_LE.mean(dim=1)  # NaN (0 / 0) where a layer counted no token
+        counted_L = total_L > 0
+        nan = torch.full((), float("nan"), dtype=torch.float64, device=device)
+        stats = {}
+        for router, ratio, bias_norm in zip(routers, ratio_L, bias_L):
             stats[f"layer_{router.layer_idx}/max_over_mean_load"] = ratio
             stats[f"layer_{router.layer_idx}/bias_norm"] = bias_norm
-            if total > 0:
-                ratios.append(ratio)
-            bias_sq += bias_norm**2
-            tokens += total
-            if reset:
+        stats["max_over_mean_load"] = ratio_L.nan_to_num(0.0).sum() / counted_L.sum()  # NaN when none counted
+        worst = torch.where(counted_L, ratio_L, -torch.inf).amax()
+        stats["max_over_mean_load_worst"] = torch.where(counted_L.any(), worst, nan)
+        stats["bias_norm"] = bias_L.square().sum().sqrt()
+        stats["tokens_routed"] = total_L.sum()
+        if reset:
+            for router in routers:
                 router.expert_load.zero_()
-        stats["max_over_mean_load"] = sum(ratios) / len(ratios) if ratios else float("nan")
-        stats["max_over_mean_load_worst"] = max(ratios) if ratios else float("nan")
-        stats["bias_norm"] = bias_sq**0.5
-        stats["tokens_routed"] = tokens
-        return stats
+        return stats if as_tensors else statistics_to_host(stats)
 
     @torch.no_grad()
-    def update_expert_bias(self) -> dict:
+    def update_expert_bias(self, as_tensors: bool = False) -> dict:
         """The auxiliary-loss-free balancing step (paper section 2.1.2), to call after every optimizer step.
 
         For every MoE layer, with `load_i` the tokens routed to expert i since the last call (all micro-batches of
         the step, summed over data-parallel ranks): `b_i += gamma * sign(mean(load) - load_i)`, gamma =
-        `config.bias_update_speed` (0 keeps the bias and still reports). Resets the counts and returns
-        `expert_load_statistics()` of the step (measured before the update).
+        `config.bias_update_speed` (0 keeps the bias and still reports). A layer that counted no token has
+        `sign(0 - 0) = 0` everywhere and keeps its bias. Resets the counts and returns `expert_load_statistics()`
+        of the step (measured before the update); `as_tensors=True` returns them as 0-dim device tensors, so that
+        the update runs without a host sync (the Trainer callback reads them when it logs).
         """
         gamma = self.config.bias_update_speed
         routers = self.expert_routers()
         loads = [_all_reduced(router.expert_load) for router in routers]  # one all-reduce per layer and step
         for router, load in zip(routers, loads):
-            if gamma and router.e_score_correction_bias is not None and load.sum() > 0:
+            if gamma and router.e_score_correction_bias is not None:
                 router.e_score_correction_bias.add_(torch.sign(load.mean() - load), alpha=gamma)
-        return self._load_statistics(routers, loads, reset=True)
+        return self._load_statistics(routers, loads, reset=True, as_tensors=as_tensors)
 
     def save_pretrained(self, save_directory, *args, state_dict: dict | None = None, **kwargs):
         """`PreTrainedModel.save_pretrained` in the official layout: per-expert keys (reverted by transformers'
@@ -1335,6 +1348,15 @@ class DeepseekV3PreTrainedModel(PreTrainedModel):
         if state_dict is None and self.config.num_nextn_predict_layers > 0:
             state_dict = mtp_shared_copies(self, self.state_dict())
         return super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
+
+
+def statistics_to_host(stats: dict) -> dict:
+    """A dict of 0-dim tensors (on one device) or numbers as Python floats, with one host sync."""
+    tensors = {key: value for key, value in stats.items() if torch.is_tensor(value)}
+    if not tensors:
+        return dict(stats)
+    values = torch.stack([value.to(torch.float64) for value in tensors.values()]).tolist()
+    return {**stats, **dict(zip(tensors, values))}
 
 
 def _all_reduced(load: torch.Tensor) -> torch.Tensor:

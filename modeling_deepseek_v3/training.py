@@ -22,7 +22,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 
-from .modeling_deepseek_v3 import DeepseekV3CausalLMOutputWithPast
+from .modeling_deepseek_v3 import DeepseekV3CausalLMOutputWithPast, statistics_to_host
 from .official_checkpoint import CheckpointReader
 
 logger = logging.get_logger(__name__)
@@ -39,28 +39,35 @@ def _unwrap(model):
 
 class ExpertBiasUpdateCallback(TrainerCallback):
     """Applies `update_expert_bias()` after every optimizer step and keeps the step's load statistics
-    (`latest_statistics`, and their mean since the last log in `pending_statistics()`)."""
+    (`latest_statistics`, and their mean since the last log in `pending_statistics()`). The statistics stay on the
+    device until they are read, so a training step has no host sync of its own here."""
 
     def __init__(self):
-        self.latest_statistics = {}
-        self._sums, self._count = {}, 0
+        self._latest = {}
+        self._sums, self._counts = {}, {}
+
+    @property
+    def latest_statistics(self) -> dict:
+        """The load statistics of the latest optimizer step, as Python floats."""
+        return statistics_to_host(self._latest)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        stats = _unwrap(model).update_expert_bias()
-        self.latest_statistics = stats
+        stats = _unwrap(model).update_expert_bias(as_tensors=True)
+        self._latest = stats
         for key in LOGGED_LOAD_KEYS:
             value = stats.get(key)
-            if value is not None and value == value:  # skip NaN (no token counted)
-                self._sums[key] = self._sums.get(key, 0.0) + value
-        self._count += 1
+            if value is None:
+                continue
+            value = torch.as_tensor(value, dtype=torch.float64)
+            counted = ~torch.isnan(value)  # NaN: no token counted in that step
+            self._sums[key] = self._sums.get(key, 0.0) + torch.where(counted, value, 0.0)
+            self._counts[key] = self._counts.get(key, 0.0) + counted.to(torch.float64)
 
     def pending_statistics(self) -> dict:
-        """Mean of the logged statistics over the steps since the previous call (then reset)."""
-        if not self._count:
-            return {}
-        means = {f"expert_load/{key}": value / self._count for key, value in self._sums.items()}
-        self._sums, self._count = {}, 0
-        return means
+        """Mean of the logged statistics over the steps since the previous call that counted tokens (then reset)."""
+        sums, counts = statistics_to_host(self._sums), statistics_to_host(self._counts)
+        self._sums, self._counts = {}, {}
+        return {f"expert_load/{key}": total / counts[key] for key, total in sums.items() if counts[key]}
 
 
 class MTPLossWeightSchedule(TrainerCallback):

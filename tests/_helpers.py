@@ -104,6 +104,20 @@ class LargestAllocation(TorchDispatchMode):
         return out
 
 
+class HostReads(TorchDispatchMode):
+    """Counts the ops that read a tensor's value into Python while active (`.item()`, `float(t)`, `bool(t)`,
+    `if t:`): on a GPU each of those waits for the device (a host sync)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
 def run_example(script, *args) -> str:
     """Run `examples/<script>` with `args` in a fresh interpreter; fail the test with its output tails."""
     # One compute thread: the tiny model gains nothing from more, and spinning OpenMP threads on a busy 2-core

@@ -1,6 +1,7 @@
 """Training: the auxiliary-loss-free bias update, its statistics, and the Trainer integration."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -290,3 +291,60 @@ def test_trainer_with_cuda_graph_step_trains_exactly_as_trainer_s_own_step(tmp_p
     for expected, actual in zip(reference_logs, our_logs):
         for key in ("loss", "lm_loss", "mtp_loss", "aux_loss", "grad_norm"):
             assert actual[key] == pytest.approx(expected[key], rel=1e-5), key
+
+
+def test_bias_update_and_its_callback_read_nothing_to_the_host_until_the_statistics_are_logged():
+    """`update_expert_bias(as_tensors=True)` and the Trainer callback keep the statistics on the device (no
+    `.item()`-style read, which is a host sync on a GPU); the values equal the float statistics of the same step,
+    and the logged means skip steps that counted no token."""
+    from _helpers import HostReads
+
+    from modeling_deepseek_v3.training import ExpertBiasUpdateCallback
+
+    with HostReads() as reads:
+        float(torch.ones(()))
+    assert reads.count == 1  # the detector sees a read
+
+    ids = torch.randint(2, 512, (2, 16), generator=torch.Generator().manual_seed(1))
+    results = []
+    for as_tensors in (False, True):
+        model = skewed_model(0.01).train()
+        with torch.no_grad():
+            model(ids)
+        with HostReads() as reads:
+            stats = model.update_expert_bias(as_tensors=as_tensors)
+        results.append((model, stats, reads.count))
+    (float_model, floats, _), (tensor_model, tensors, tensor_reads) = results
+    assert tensor_reads == 0 and all(torch.is_tensor(value) for value in tensors.values())
+    assert tensors.keys() == floats.keys()
+    for key, value in floats.items():
+        assert tensors[key].item() == pytest.approx(value, rel=1e-12, nan_ok=True), key
+    for ours, reference in zip(tensor_model.expert_routers(), float_model.expert_routers()):
+        assert torch.equal(ours.e_score_correction_bias, reference.e_score_correction_bias)
+
+    callback = ExpertBiasUpdateCallback()
+    model = skewed_model(0.01).train()
+    ratios = []
+    for step in range(3):
+        if step != 1:  # step 1 counts no token: its load ratios are NaN and left out of the means
+            with torch.no_grad():
+                model(ids)
+        ratios.append(model.expert_load_statistics()["max_over_mean_load"])
+        with HostReads() as reads:
+            callback.on_step_end(None, None, None, model=model)
+        assert reads.count == 0
+    assert math.isnan(ratios[1]) and callback.latest_statistics["max_over_mean_load"] == pytest.approx(ratios[2])
+    means = callback.pending_statistics()
+    assert means["expert_load/max_over_mean_load"] == pytest.approx((ratios[0] + ratios[2]) / 2)
+    assert callback.pending_statistics() == {}
+
+
+def test_load_statistics_of_a_model_without_moe_layers_and_of_layers_without_tokens():
+    dense = random_model(tiny_config(first_k_dense_replace=3, num_nextn_predict_layers=0))
+    assert dense.expert_routers() == []
+    stats = dense.update_expert_bias()
+    assert math.isnan(stats["max_over_mean_load"]) and stats["bias_norm"] == 0.0 and stats["tokens_routed"] == 0.0
+    model = random_model(tiny_config())
+    stats = model.expert_load_statistics()  # nothing counted yet
+    assert math.isnan(stats["max_over_mean_load"]) and math.isnan(stats["max_over_mean_load_worst"])
+    assert stats["tokens_routed"] == 0.0 and stats["bias_norm"] > 0.0  # random_model's biases are not zero
