@@ -1,6 +1,6 @@
 """Tile sweep of the decode matrix-vector kernels at a preset's shapes, batch 1, on one GPU.
 
-Kernels: the routed experts' gate/up and down (moe_kernels.py, K experts of one token), `linear_pair` /
+Kernels: the routed and shared experts' gate/up and down (moe_kernels.py, K + S experts of one token), `linear_pair` /
 `silu_gate_up` (decode_kernels.py) at every dense decode shape of the preset: q_a + kv_a, q_b, o_proj, the router,
 the shared experts' gate/up and down; and the split-key absorbed attention (split kernel + combine) over a latent
 cache of each `--context` (bytes: the cache read). Each case runs once per layer on separate weight tensors (as in the model,
@@ -77,19 +77,27 @@ def main():
         return [torch.randn(*shape, dtype=torch.bfloat16, device="cuda") * 0.02 for _ in range(layers)]
 
     if args.only in (None, "moe"):
+        # As the model runs them at decode: the K routed experts and the S expert-width parts of the shared experts
+        # in the same two launches (K + S rows of one token).
+        S = c["n_shared_experts"] or 0
         gate_up, down = weights(E, 2 * I, D), weights(E, D, I)
+        shared_gate, shared_up = (weights(S * I, D), weights(S * I, D)) if S else ([None] * layers,) * 2
+        shared_down = weights(D, S * I) if S else [None] * layers
         x = torch.randn(1, D, dtype=torch.bfloat16, device="cuda")
-        h = torch.randn(K, I, dtype=torch.bfloat16, device="cuda")
+        h = torch.randn(K + S, I, dtype=torch.bfloat16, device="cuda")
         experts = [torch.randperm(E, device="cuda")[:K] for _ in range(layers)]
         tiles = list(itertools.product([2, 4, 8, 16], [512, 1024, 2048], [2, 4, 8]))
         results["moe_gate_up"] = sweep(
-            "routed gate/up", lambda t: [moe_kernels.expert_gate_up_act(x, gate_up[i], experts[i], K, t)
-                                         for i in range(layers)],
-            K * 2 * I * D * 2, tiles, layers, moe_kernels.GATE_UP_TILE)
+            f"routed + shared gate/up ({K} + {S} experts)",
+            lambda t: [moe_kernels.expert_gate_up_act(x, gate_up[i], experts[i], K, t, shared_gate=shared_gate[i],
+                                                      shared_up=shared_up[i]) for i in range(layers)],
+            (K + S) * 2 * I * D * 2, tiles, layers, moe_kernels.GATE_UP_TILE)
         results["moe_down"] = sweep(
-            "routed down", lambda t: [moe_kernels.expert_down(h, down[i], experts[i], t) for i in range(layers)],
-            K * D * I * 2, tiles, layers, moe_kernels.DOWN_TILE)
-        del gate_up, down
+            f"routed + shared down ({K} + {S} experts)",
+            lambda t: [moe_kernels.expert_down(h, down[i], experts[i], t, shared_down=shared_down[i])
+                       for i in range(layers)],
+            (K + S) * D * I * 2, tiles, layers, moe_kernels.DOWN_TILE)
+        del gate_up, down, shared_gate, shared_up, shared_down
 
     if args.only in (None, "gemv"):
         tiles = list(itertools.product([1, 2, 4, 8], [512, 1024, 2048, 4096], [4, 8]))
