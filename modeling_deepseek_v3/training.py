@@ -204,11 +204,6 @@ class DeepseekV3Trainer(Trainer):
 GRAPH_WARMUP_STEPS = 2
 
 
-def _on_one_gpu(model: torch.nn.Module) -> bool:
-    devices = {p.device for p in model.parameters()}
-    return len(devices) == 1 and next(iter(devices)).type == "cuda"
-
-
 class GraphedTrainingStep:
     """Forward + backward of a causal LM on batches of one shape, replayed as CUDA graphs.
 
@@ -245,7 +240,7 @@ class GraphedTrainingStep:
                 "(DistributedDataParallel and FSDP communicate inside backward, which a captured graph cannot replay)"
             )
         devices = {p.device for p in model.parameters()}
-        on_one_gpu = _on_one_gpu(model)
+        on_one_gpu = len(devices) == 1 and next(iter(devices)).type == "cuda"
         if capture and not on_one_gpu:
             raise ValueError(
                 "GraphedTrainingStep: capture needs every parameter on one CUDA device, found "
@@ -265,12 +260,12 @@ class GraphedTrainingStep:
         self._params: list[torch.nn.Parameter] = []
         self._grads: list[torch.Tensor] = []  # the write graph's gradient tensors, one per entry of _params
 
-    def _capture_key(self, input_ids, labels, num_items_in_batch) -> tuple:
+    def _capture_key(self, input_ids, num_items_in_batch) -> tuple:
         model, config = self.model, self.model.config
         device_type = self.device.type
         autocast = torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type)
         return (
-            tuple(input_ids.shape), input_ids.dtype, tuple(labels.shape), num_items_in_batch is not None,
+            tuple(input_ids.shape), input_ids.dtype, num_items_in_batch is not None,
             model.training, autocast, getattr(model, "is_gradient_checkpointing", False),
             getattr(config, "mtp_loss_weight", None), getattr(config, "aux_loss_alpha", None),
         )
@@ -288,7 +283,7 @@ class GraphedTrainingStep:
                              f"{list(input_ids.shape)}")
         if not self.capture:
             return self._outputs_of(self._forward_backward(input_ids, labels, num_items_in_batch, loss_scale))
-        key = self._capture_key(input_ids, labels, num_items_in_batch)
+        key = self._capture_key(input_ids, num_items_in_batch)  # labels were checked against input_ids above
         if key != self._key:
             self._reset()
             self._key = key
