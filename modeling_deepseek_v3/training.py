@@ -19,6 +19,7 @@ forward + backward as CUDA graph replays with `GraphedTrainingStep`.
 from pathlib import Path
 
 import torch
+from accelerate.utils import DistributedType
 from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 
@@ -146,8 +147,6 @@ class DeepseekV3Trainer(Trainer):
         """The captured step for this micro-batch, or None where Trainer's own step must run."""
         if not self.cuda_graph_step:
             return None
-        from accelerate.utils import DistributedType
-
         reasons = {
             "the model is wrapped (distributed or DataParallel)": model is not self.model,
             "more than one process": self.accelerator.distributed_type != DistributedType.NO,
