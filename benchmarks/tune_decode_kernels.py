@@ -87,6 +87,8 @@ def main():
         h = torch.randn(K + S, I, dtype=torch.bfloat16, device="cuda")
         experts = [torch.randperm(E, device="cuda")[:K] for _ in range(layers)]
         tiles = list(itertools.product([2, 4, 8, 16], [512, 1024, 2048], [2, 4, 8]))
+        # down: a row is I columns (1,408 for V3-Lite), so narrower steps and more rows per program are in the sweep.
+        down_tiles = list(itertools.product([1, 2, 4, 8, 16, 32], [256, 512, 1024, 2048], [2, 4, 8]))
         results["moe_gate_up"] = sweep(
             f"routed + shared gate/up ({K} + {S} experts)",
             lambda t: [moe_kernels.expert_gate_up_act(x, gate_up[i], experts[i], K, t, shared_gate=shared_gate[i],
@@ -96,7 +98,7 @@ def main():
             f"routed + shared down ({K} + {S} experts)",
             lambda t: [moe_kernels.expert_down(h, down[i], experts[i], t, shared_down=shared_down[i])
                        for i in range(layers)],
-            (K + S) * D * I * 2, tiles, layers, moe_kernels.DOWN_TILE)
+            (K + S) * D * I * 2, down_tiles, layers, moe_kernels.DOWN_TILE)
         del gate_up, down, shared_gate, shared_up, shared_down
 
     if args.only in (None, "gemv"):

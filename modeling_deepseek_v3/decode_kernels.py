@@ -22,7 +22,8 @@ one or two launches, with the same float32 math as the eager reference in `model
   writing c_kv and k_pe straight into a static cache's slots (its device-side length: no host sync);
 - `absorb_query`: `q_nope @ W_UK` per head and the RoPE of q_pe, one launch;
 - `add_rms_norm`: the residual add and the next RMSNorm; `moe_combine`: the routed experts' weighted sum, the
-  shared experts and the residual, with the eager path's roundings.
+  shared experts and the residual, with the eager path's roundings;
+- `argmax_rows`: the greedy token of a decode step (`DecodeGraph`), the argmax over the vocabulary in two passes.
 
 A MoE decoder layer's decode step is then 17 launches (attention 9 with its input norm, MoE 8 with the
 post-attention norm) instead of ~110, chained by programmatic dependent launch on Hopper (`USE_PDL`). The tiles
@@ -52,12 +53,15 @@ except ImportError:
 # Matrix-vector products re-read the weight per token: beyond a few rows cuBLAS is the better kernel.
 MAX_GEMV_TOKENS = 4
 # Tiles (rows per program, columns per step, warps) of the matrix-vector kernels, from a sweep of rows {1, 2, 4, 8}
-# x columns {512 .. 4096} x warps {4, 8} on one H100 at the V3-Lite decode shapes (benchmarks/tune_decode_kernels.py):
-# one or two rows per program and a whole row (up to 2,048 columns) per step, so that a program issues all its
-# weight loads at once. linear_pair: q_a + kv_a 5.2 us, q_b 5.5, o_proj 5.1, router 1.9, shared down 6.6 (against
-# 6.2 / 5.9 / 6.6 / 3.4 / 7.9 with (2, 512, 4)); silu_gate_up (shared experts) 9.7 us against 10.7.
-GEMV_TILE = (1, 2048, 4)
-GATE_UP_TILE = (1, 2048, 8)
+# x columns {512 .. 4096} x warps {4, 8} on one H200 at the V3-Lite decode shapes (`benchmarks/tune_decode_kernels.py
+# --only gemv`): a whole row (up to 2,048 columns) per step, so that a program issues all its weight loads at once,
+# and 8 rows per program where the output has enough rows to keep every SM busy (GEMV_WIDE_ROWS); one row per program
+# below that. linear_pair: q_a + kv_a 3.1 us, q_b 3.1, o_proj 3.1 (against 3.8 / 4.2 / 3.6 with one row per
+# program), the router (64 rows) 1.1; silu_gate_up (2,816 rows) 6.5 us against 7.8 for (1, 2048, 8).
+GEMV_TILE = (8, 2048, 4)
+NARROW_GEMV_TILE = (1, 2048, 4)
+GEMV_WIDE_ROWS = 1024
+GATE_UP_TILE = (2, 1024, 4)
 
 
 def decode_kernels_available(x: torch.Tensor) -> bool:
@@ -118,6 +122,33 @@ if triton is not None:
         x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
         y = _rms_norm_row(x, w_ptr, cols, mask, C, eps, x_ptr.dtype.element_ty)
         tl.store(out_ptr + row * stride_o + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _chunk_argmax_kernel(x_ptr, max_ptr, arg_ptr, V, stride_x, CHUNKS, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        # Program (row, chunk): the maximum of x[row, chunk * BLOCK : (chunk + 1) * BLOCK] (float32) and its first
+        # index in the row.
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
+        row = tl.program_id(0).to(tl.int64)
+        chunk = tl.program_id(1)
+        cols = chunk * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + row * stride_x + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
+        best = tl.argmax(x, axis=0, tie_break_left=True)
+        tl.store(max_ptr + row * CHUNKS + chunk, tl.max(x, axis=0))
+        tl.store(arg_ptr + row * CHUNKS + chunk, (chunk * BLOCK + best).to(tl.int64))
+
+    @triton.jit
+    def _argmax_of_chunks_kernel(max_ptr, arg_ptr, out_ptr, CHUNKS, BLOCK_C: tl.constexpr, PDL: tl.constexpr):
+        # Program row: the first chunk holding the row's maximum, and that chunk's first index of it.
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
+        row = tl.program_id(0).to(tl.int64)
+        chunks = tl.arange(0, BLOCK_C)
+        maxima = tl.load(max_ptr + row * CHUNKS + chunks, mask=chunks < CHUNKS, other=-float("inf"))
+        best = tl.argmax(maxima, axis=0, tie_break_left=True)
+        tl.store(out_ptr + row, tl.load(arg_ptr + row * CHUNKS + best))
 
     @triton.jit
     def _linear_pair_kernel(
@@ -480,7 +511,8 @@ def linear_pair(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor | None, sigm
     """`x` [..., D] (at most MAX_GEMV_TOKENS rows), `w1` [N1, D], `w2` [N2, D] or None (then `x @ w1^T` alone) ->
     `[x @ w1^T | x @ w2^T]` [..., N1 + N2], accumulated in float32 and rounded once to `out_dtype` (default x's
     dtype); `sigmoid` applies the logistic function in float32 first. Reads each weight once per token. `tile`:
-    (rows per program, columns per step, warps), default GEMV_TILE."""
+    (rows per program, columns per step, warps), default GEMV_TILE from GEMV_WIDE_ROWS output rows on, else
+    NARROW_GEMV_TILE."""
     D = x.shape[-1]
     x_2d = x.reshape(-1, D)
     if x_2d.stride(-1) != 1:
@@ -490,13 +522,35 @@ def linear_pair(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor | None, sigm
     if w1.stride(-1) != 1 or w2.stride(-1) != 1:
         raise ValueError("linear_pair: weights need a contiguous last dim")
     out = torch.empty(*x.shape[:-1], n1 + n2, dtype=out_dtype or x.dtype, device=x.device)
-    block_n, block_d, warps = tile or GEMV_TILE
+    block_n, block_d, warps = tile or (GEMV_TILE if n1 + n2 >= GEMV_WIDE_ROWS else NARROW_GEMV_TILE)
     grid = (x_2d.shape[0], triton.cdiv(n1, block_n) + triton.cdiv(n2, block_n))
     _linear_pair_kernel[grid](
         x_2d, w1, w2, out, D, n1, n2, x_2d.stride(0), w1.stride(0), w2.stride(0), n1 + n2,
         SIGMOID=sigmoid, BLOCK_N=block_n, BLOCK_D=block_d,
         **_launch_options(x_2d), num_warps=warps,
     )
+    return out
+
+
+ARGMAX_BLOCK = 2048  # values per program of the first pass (64 programs a row for a 129,280-value vocabulary)
+
+
+def argmax_rows(x_BV: torch.Tensor) -> torch.Tensor:
+    """x_BV [B, V] (last dim contiguous) -> [B] int64: each row's first index of its maximum, as `x.argmax(-1)`,
+    in two launches (the maximum of every ARGMAX_BLOCK-wide chunk, then the first chunk holding the row's); torch's
+    one-pass reduction over a 129,280-value row spends 34 us on an H200. Rows holding NaN: unspecified."""
+    B, V = x_BV.shape
+    if x_BV.stride(-1) != 1:
+        raise ValueError(f"argmax_rows: x needs a contiguous last dim; found strides {x_BV.stride()}")
+    chunks = triton.cdiv(V, ARGMAX_BLOCK)
+    maxima = torch.empty(B, chunks, dtype=torch.float32, device=x_BV.device)
+    args = torch.empty(B, chunks, dtype=torch.int64, device=x_BV.device)
+    out = torch.empty(B, dtype=torch.int64, device=x_BV.device)
+    options = _launch_options(x_BV)
+    _chunk_argmax_kernel[(B, chunks)](x_BV, maxima, args, V, x_BV.stride(0), chunks, BLOCK=ARGMAX_BLOCK, **options,
+                                      num_warps=4)
+    _argmax_of_chunks_kernel[(B,)](maxima, args, out, chunks, BLOCK_C=triton.next_power_of_2(chunks), **options,
+                                   num_warps=1)
     return out
 
 

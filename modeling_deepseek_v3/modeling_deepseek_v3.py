@@ -36,6 +36,7 @@ from .decode_kernels import (
     absorb_query,
     absorbed_decode_attention,
     add_rms_norm,
+    argmax_rows,
     decode_kernels_available,
     latent_norm_rope,
     linear_pair,
@@ -1995,7 +1996,11 @@ class DecodeGraph:
         the float32 logits, finished rows padded, the token appended (at `column + 1`) and fed as the next input
         (mask column set, position + 1), the rows that produced an end-of-sequence id finished, and `stopped` set
         once all rows are."""
-        next_B = logits_B1V[:, -1].float().argmax(dim=-1)
+        logits_BV = logits_B1V[:, -1]
+        if _use_decode_kernels(self.model.config, self.model, logits_BV) and logits_BV.stride(-1) == 1:
+            next_B = argmax_rows(logits_BV)  # decode_kernels: two passes instead of torch's one slow reduction
+        else:
+            next_B = logits_BV.argmax(dim=-1)  # bf16 and float32 compare alike: no float32 copy
         if self.eos is not None:
             next_B = next_B * self.unfinished + self.pad * (1 - self.unfinished)
             ended_B = (next_B[:, None] == self.eos[None, :]).any(dim=-1)

@@ -183,11 +183,12 @@ def combine_sorted_pairs(y_PD: torch.Tensor, position_TK: torch.Tensor, w_TK: to
     return _CombineSortedPairs.apply(y_PD.contiguous(), position_TK.contiguous(), w_TK.contiguous())
 
 
-# Tiles (rows per program, columns per step, warps) of the two kernels, the fastest of a sweep on one H100 at the
-# V3-Lite decode shapes (`benchmarks/tune_decode_kernels.py`, K=6 experts of one token): gate/up 24.9 us a layer
-# (2.78 TB/s) against 32.4 us for (16, 256, 4); down 13.8 us (2.50 TB/s) against 16.8 us.
-GATE_UP_TILE = (2, 2048, 2)
-DOWN_TILE = (2, 2048, 8)
+# Tiles (rows per program, columns per step, warps), the fastest of a sweep on one H200 at the V3-Lite decode shapes
+# (`benchmarks/tune_decode_kernels.py --only moe`: 6 routed + 2 shared experts of one token; copy bandwidth 4.15
+# TB/s): gate/up 22.3 us a layer (4.13 TB/s) against 22.9 us for the H100's (2, 2048, 2); down 14.6 us (3.16 TB/s)
+# against 18.3 us for (2, 2048, 8).
+GATE_UP_TILE = (4, 2048, 4)
+DOWN_TILE = (8, 256, 4)
 
 
 def _shared_parts(what: str, weights: dict, width_dim: int, I: int, D: int, dtype: torch.dtype) -> int:

@@ -63,6 +63,18 @@ def main():
     kernels.rotate_pairs_(q_rope[..., N:], None, cos[:B], sin[:B])
     assert relative_max_diff(q_rope[..., N:], q_pe.transpose(0, 1)) < TOLERANCE
 
+    # Greedy argmax over a vocabulary, two passes: first index of the maximum on ties inside one chunk, across
+    # chunks and at a chunk's edge, a row of equal values, a partial last chunk.
+    for V in (3 * kernels.ARGMAX_BLOCK, 2 * kernels.ARGMAX_BLOCK + 77):
+        logits = torch.randn(5, V)
+        top = logits.max() + 1
+        logits[1, [V // 2, V // 2 + 1]] = top
+        logits[2, [V - 1, 3]] = top
+        logits[3, [kernels.ARGMAX_BLOCK, kernels.ARGMAX_BLOCK - 1]] = top
+        logits[4] = 0
+        for dtype in (torch.float32, torch.bfloat16):
+            assert torch.equal(kernels.argmax_rows(logits.to(dtype)), logits.to(dtype).float().argmax(dim=-1))
+
     # Router top-k, and the MoE combine (routed sum, shared experts, residual).
     scores_TE = torch.rand(3, 16)
     idx, weight = kernels.noaux_topk(scores_TE, torch.zeros(16), 4, 2, 4, True, 2.5)

@@ -476,6 +476,14 @@ def test_fused_decode_kernels_equal_the_eager_ops_they_replace(dtype, tolerance)
     assert relative_max_diff(kernels.moe_combine(y, weight, shared, residual), residual + (routed + shared)) < tolerance
     assert relative_max_diff(kernels.moe_combine(y, weight, None, residual), residual + routed) < tolerance
 
+    # The greedy token's argmax over V3's vocabulary (two passes), first index on ties, for rows of a [B, 1, V] output.
+    logits = torch.randn(4, 1, 129280, device="cuda", dtype=dtype)
+    top = logits.max() + 1
+    logits[1, 0, [70000, 70001]] = top
+    logits[2, 0, [129279, 5]] = top
+    logits[3, 0, [2 * kernels.ARGMAX_BLOCK - 1, 2 * kernels.ARGMAX_BLOCK]] = top
+    assert torch.equal(kernels.argmax_rows(logits[:, -1]), logits[:, -1].float().argmax(dim=-1))
+
     # Latent norms + RoPE of k_pe, into fresh tensors and into a static cache's slots.
     B, T, Q, L, R = 2, 2, 1536, 512, 64
     projected = torch.randn(B, T, Q + L + R, device="cuda", dtype=dtype)
