@@ -152,9 +152,10 @@ if triton is not None:
 
     @triton.jit
     def _linear_pair_kernel(
-        x_ptr, w1_ptr, w2_ptr, out_ptr, D, N1, N2,
-        stride_xt, stride_w1, stride_w2, stride_ot,
-        SIGMOID: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
+        x_ptr, w1_ptr, w2_ptr, norm_ptr, out_ptr, D, N1, N2,
+        stride_xt, stride_w1, stride_w2, stride_ot, eps,
+        SIGMOID: tl.constexpr, NORM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_X: tl.constexpr, PDL: tl.constexpr,
     ):
         if PDL:
             gdc_launch_dependents()
@@ -182,6 +183,14 @@ if triton is not None:
             if PDL:
                 gdc_wait()
             x = tl.load(x_ptr + token * stride_xt + cols, mask=col_mask, other=0.0).to(tl.float32)
+            if NORM:  # RMSNorm of the row first, as `rms_norm` rounds it (the whole row's statistics: recomputed per
+                # step, a read of the row from L2; one step for a hidden size up to BLOCK_D)
+                dtype = x_ptr.dtype.element_ty
+                row = tl.arange(0, BLOCK_X)
+                x_row = tl.load(x_ptr + token * stride_xt + row, mask=row < D, other=0.0).to(tl.float32)
+                inv_rms = tl.rsqrt(tl.sum(x_row * x_row, axis=0) / D + eps)
+                weight = tl.load(norm_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+                x = ((x * inv_rms).to(dtype).to(tl.float32) * weight).to(dtype).to(tl.float32)
             acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
         if SIGMOID:
             acc = 1.0 / (1.0 + tl.exp(-acc))
@@ -507,12 +516,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def linear_pair(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor | None, sigmoid: bool = False,
-                out_dtype: torch.dtype | None = None, tile: tuple[int, int, int] | None = None) -> torch.Tensor:
+                out_dtype: torch.dtype | None = None, tile: tuple[int, int, int] | None = None,
+                norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
     """`x` [..., D] (at most MAX_GEMV_TOKENS rows), `w1` [N1, D], `w2` [N2, D] or None (then `x @ w1^T` alone) ->
     `[x @ w1^T | x @ w2^T]` [..., N1 + N2], accumulated in float32 and rounded once to `out_dtype` (default x's
     dtype); `sigmoid` applies the logistic function in float32 first. Reads each weight once per token. `tile`:
     (rows per program, columns per step, warps), default GEMV_TILE from GEMV_WIDE_ROWS output rows on, else
-    NARROW_GEMV_TILE."""
+    NARROW_GEMV_TILE. `norm = (weight [D], eps)`: the products are of `rms_norm(x, weight, eps)` (each program
+    normalizes the rows itself: one launch less than `rms_norm` first, same values)."""
     D = x.shape[-1]
     x_2d = x.reshape(-1, D)
     if x_2d.stride(-1) != 1:
@@ -521,13 +532,16 @@ def linear_pair(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor | None, sigm
     w2 = w1 if w2 is None else w2
     if w1.stride(-1) != 1 or w2.stride(-1) != 1:
         raise ValueError("linear_pair: weights need a contiguous last dim")
+    norm_weight, eps = norm if norm is not None else (w1, 0.0)
+    if norm is not None and (tuple(norm_weight.shape) != (D,) or not norm_weight.is_contiguous()):
+        raise ValueError(f"linear_pair: the norm weight must be a contiguous [{D}]; found {tuple(norm_weight.shape)}")
     out = torch.empty(*x.shape[:-1], n1 + n2, dtype=out_dtype or x.dtype, device=x.device)
     block_n, block_d, warps = tile or (GEMV_TILE if n1 + n2 >= GEMV_WIDE_ROWS else NARROW_GEMV_TILE)
     grid = (x_2d.shape[0], triton.cdiv(n1, block_n) + triton.cdiv(n2, block_n))
     _linear_pair_kernel[grid](
-        x_2d, w1, w2, out, D, n1, n2, x_2d.stride(0), w1.stride(0), w2.stride(0), n1 + n2,
-        SIGMOID=sigmoid, BLOCK_N=block_n, BLOCK_D=block_d,
-        **_launch_options(x_2d), num_warps=warps,
+        x_2d, w1, w2, norm_weight, out, D, n1, n2, x_2d.stride(0), w1.stride(0), w2.stride(0), n1 + n2, float(eps),
+        SIGMOID=sigmoid, NORM=norm is not None, BLOCK_N=block_n, BLOCK_D=block_d,
+        BLOCK_X=triton.next_power_of_2(D) if norm is not None else 16, **_launch_options(x_2d), num_warps=warps,
     )
     return out
 

@@ -180,6 +180,20 @@ def check_decode_experts_with_shared_parts():
     if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 9):
         print(f"decode experts: not run (Triton {triton.__version__}'s interpreter cannot run their loops)")
         return
+    # The a-projection pair with the layer's input RMSNorm inside (each program normalizes the row itself), for a
+    # row within one step and one spread over several (BLOCK_D < D), against rms_norm then the products.
+    for dtype, tolerance in ((torch.float32, TOLERANCE), (torch.bfloat16, 2e-2)):
+        norm = norm_of(96).to(dtype)
+        x = torch.randn(2, 1, 96, dtype=dtype)
+        w1, w2 = (torch.randn(n, 96, dtype=dtype) * 0.1 for n in (40, 24))
+        normed = norm(x).float()
+        reference = torch.cat([normed @ w1.float().T, normed @ w2.float().T], dim=-1)
+        for tile in ((8, 128, 4), (8, 32, 4)):
+            fused = kernels.linear_pair(x, w1, w2, tile=tile, norm=(norm.weight, norm.variance_epsilon))
+            assert relative_max_diff(fused, reference) < tolerance
+            separate = kernels.linear_pair(kernels.rms_norm(x, norm.weight, norm.variance_epsilon), w1, w2, tile=tile)
+            assert torch.equal(fused, separate)
+
     T, K, E, I, D = 3, 4, 8, 48, 64
     for S in (1, 2):
         x = torch.randn(T, D)

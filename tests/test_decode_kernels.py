@@ -100,6 +100,7 @@ def test_triton_kernels_compile_for_hopper_without_a_gpu(monkeypatch):
     decode_kernels.rms_norm(t(3, 1, 512), t(512), 1e-6)
     decode_kernels.add_rms_norm(t(1, 1, 2048), t(1, 1, 2048), t(2048), 1e-6)
     decode_kernels.linear_pair(t(1, 2048), t(1536, 2048), t(576, 2048))
+    decode_kernels.linear_pair(t(1, 2048), t(1536, 2048), t(576, 2048), norm=(t(2048), 1e-6))  # + the input norm
     decode_kernels.router_scores(t(1, 2048), t(64, 2048))
     decode_kernels.silu_gate_up(t(1, 2048), t(2816, 2048), t(2816, 2048))
     decode_kernels.noaux_topk(torch.rand(1, 64), torch.zeros(64), 8, 4, 6, True, 2.5)
