@@ -10,7 +10,8 @@ one or two launches, with the same float32 math as the eager reference in `model
   statistics, the normalized value rounded to the input dtype before the weight multiply, as the reference does;
 - `linear_pair`: `[x @ W1^T | x @ W2^T]` for a few rows in one launch, float32 accumulation: q_a_proj and
   kv_a_proj_with_mqa share their input, so one pass reads both weights without a concatenated copy of them
-  (with one weight: the matrix-vector product of q_b_proj, o_proj and the MLPs' down_proj);
+  (with one weight: the matrix-vector product of q_b_proj, o_proj and the MLPs' down_proj); with `norm`, the
+  decoder layer's input RMSNorm inside the same pass;
 - `router_scores` / `noaux_topk`: the `noaux_tc` router: sigmoid of float32 logits, then bias-selected
   group-limited top-k and the normalized, scaled weights of the unbiased scores (one program per token);
 - `silu_gate_up`: `silu(x @ W_gate^T) * (x @ W_up^T)` for a few rows in one pass (dense MLP, shared experts);
@@ -25,10 +26,11 @@ one or two launches, with the same float32 math as the eager reference in `model
   shared experts and the residual, with the eager path's roundings;
 - `argmax_rows`: the greedy token of a decode step (`DecodeGraph`), the argmax over the vocabulary in two passes.
 
-A MoE decoder layer's decode step is then 17 launches (attention 9 with its input norm, MoE 8 with the
-post-attention norm) instead of ~110, chained by programmatic dependent launch on Hopper (`USE_PDL`). The tiles
-come from `benchmarks/tune_decode_kernels.py`; `tests/test_decode_kernels.py` compiles every kernel for Hopper and
-runs the loop-free ones in Triton's interpreter without a GPU, `tests/test_gpu.py` holds them equal to the eager
+A MoE decoder layer's decode step is then 14 launches (attention 8 with its input norm, MoE 6 with the
+post-attention norm and the experts of `moe_kernels.py`) instead of ~110, chained by programmatic dependent launch
+on Hopper (`USE_PDL`). The tiles come from `benchmarks/tune_decode_kernels.py`; `tests/test_decode_kernels.py`
+compiles every kernel for Hopper and runs the loop-free ones in Triton's interpreter without a GPU (from Triton 3.9
+on also the experts' kernels and `linear_pair` with the norm), `tests/test_gpu.py` holds them equal to the eager
 path on a GPU.
 
 Shapes: T tokens (rows), D input features, E experts, K experts per token, G expert groups, H heads, L latent
@@ -523,7 +525,8 @@ def linear_pair(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor | None, sigm
     dtype); `sigmoid` applies the logistic function in float32 first. Reads each weight once per token. `tile`:
     (rows per program, columns per step, warps), default GEMV_TILE from GEMV_WIDE_ROWS output rows on, else
     NARROW_GEMV_TILE. `norm = (weight [D], eps)`: the products are of `rms_norm(x, weight, eps)` (each program
-    normalizes the rows itself: one launch less than `rms_norm` first, same values)."""
+    normalizes the rows itself: one launch less than `rms_norm` first, with its math and roundings; the row's sum
+    of squares may be reduced in another order, which can move a normalized value by one bf16 rounding step)."""
     D = x.shape[-1]
     x_2d = x.reshape(-1, D)
     if x_2d.stride(-1) != 1:

@@ -1,0 +1,124 @@
+"""A/B of the captured batch-1 decode step (graph replay, greedy token picked inside the step), our model only.
+
+Each variant undoes one of the decode step's choices in-process, then the step is captured afresh and timed; the
+variants alternate over `--rounds` so that a drift of the machine shows up in every variant alike. The greedy
+tokens of each run are compared with the first run's: `torch-argmax` picks the same tokens; the variants that
+change a reduction order (tiles, the norm's sum of squares) move some bf16 roundings, which flips a nearly tied
+token of the random weights after some steps.
+
+- `current`: the package as it is;
+- `h100-tiles`: the matrix-vector and MoE tiles swept on an H100 (before the H200 sweep);
+- `torch-argmax`: the greedy token from torch's one-pass `argmax` of the float32 logits instead of `argmax_rows`;
+- `separate-input-norm`: the layer's input RMSNorm as its own launch instead of inside the q_a/kv_a kernel.
+
+    python benchmarks/ab_decode_step.py --preset deepseek-v3-lite --context 1024 --rounds 2
+"""
+
+import argparse
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+from transformers import StaticCache
+
+from modeling_deepseek_v3 import DeepseekV3Config, DeepseekV3ForCausalLM, decode_kernels, moe_kernels
+from modeling_deepseek_v3 import modeling_deepseek_v3 as modeling
+
+PRESETS = Path(__file__).resolve().parent.parent / "configuration"
+
+
+@contextlib.contextmanager
+def patched(obj, **values):
+    saved = {name: getattr(obj, name) for name in values}
+    for name, value in values.items():
+        setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(obj, name, value)
+
+
+def separate_input_norm(fused):
+    def forward_kernels(self, hidden_states, position_embeddings, attention_bias, past_key_values, use_absorbed,
+                        input_norm=None):
+        if input_norm is not None:
+            hidden_states = input_norm(hidden_states)
+        return fused(self, hidden_states, position_embeddings, attention_bias, past_key_values, use_absorbed, None)
+    return forward_kernels
+
+
+def h100_tiles():
+    stack = contextlib.ExitStack()
+    stack.enter_context(patched(decode_kernels, GEMV_TILE=(1, 2048, 4), NARROW_GEMV_TILE=(1, 2048, 4),
+                                GATE_UP_TILE=(1, 2048, 8)))
+    stack.enter_context(patched(moe_kernels, GATE_UP_TILE=(2, 2048, 2), DOWN_TILE=(2, 2048, 8)))
+    return stack
+
+
+VARIANTS = {  # name -> a context manager that applies the variant
+    "current": contextlib.nullcontext,
+    "h100-tiles": h100_tiles,
+    "torch-argmax": lambda: patched(modeling, argmax_rows=lambda logits: logits.float().argmax(dim=-1)),
+    "separate-input-norm": lambda: patched(
+        modeling.DeepseekV3Attention,
+        _forward_kernels=separate_input_norm(modeling.DeepseekV3Attention._forward_kernels)),
+}
+
+
+@torch.no_grad()
+def step_ms(model, config, context: int, steps: int) -> tuple[float, torch.Tensor]:
+    """ms per replay of a freshly captured greedy decode step after a `context`-token prefill, and its tokens."""
+    cache = StaticCache(config=config, max_cache_len=context + steps + 16)
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    ids = torch.randint(2, config.vocab_size, (1, context), device="cuda", generator=generator)
+    logits = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    graph = modeling.DecodeGraph(model, cache, 1, greedy_eos=())
+    graph.start(torch.ones(1, context, dtype=torch.long, device="cuda"))
+    graph.start_greedy(torch.cat([ids, logits[:, -1:].argmax(-1)], dim=1),
+                       torch.ones(1, dtype=torch.long, device="cuda"), None)
+    warmup = 5
+    for _ in range(warmup):
+        graph._run()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        graph._run()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / steps, graph.tokens[0, context + 1 : context + 1 + warmup + steps].clone()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="deepseek-v3-lite")
+    parser.add_argument("--context", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    args = parser.parse_args()
+    config = DeepseekV3Config(**json.loads((PRESETS / f"{args.preset}.json").read_text()))
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = DeepseekV3ForCausalLM._from_config(config, dtype=torch.bfloat16).eval()
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {args.preset}, bf16, random weights, batch 1, "
+          f"context {args.context}, {args.steps} replays a run")
+    reference, times = None, {name: [] for name in args.variants}
+    for round_ in range(args.rounds):
+        for name in args.variants:
+            with VARIANTS[name]():
+                ms, tokens = step_ms(model, config, args.context, args.steps)
+            reference = tokens if reference is None else reference
+            times[name].append(ms)
+            print(f"round {round_}: {name:20s} {ms:.3f} ms/step  tokens as the first run: "
+                  f"{torch.equal(tokens, reference)}", flush=True)
+    best = {name: min(values) for name, values in times.items()}
+    base = best.get("current")
+    for name, ms in best.items():
+        print(f"{name:20s} best {ms:.3f} ms/step" + (f"  ({ms - base:+.3f} ms against current)" if base else ""))
+
+
+if __name__ == "__main__":
+    main()
