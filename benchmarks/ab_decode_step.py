@@ -40,15 +40,6 @@ def patched(obj, **values):
             setattr(obj, name, value)
 
 
-def separate_input_norm(fused):
-    def forward_kernels(self, hidden_states, position_embeddings, attention_bias, past_key_values, use_absorbed,
-                        input_norm=None):
-        if input_norm is not None:
-            hidden_states = input_norm(hidden_states)
-        return fused(self, hidden_states, position_embeddings, attention_bias, past_key_values, use_absorbed, None)
-    return forward_kernels
-
-
 def h100_tiles():
     stack = contextlib.ExitStack()
     stack.enter_context(patched(decode_kernels, GEMV_TILE=(1, 2048, 4), NARROW_GEMV_TILE=(1, 2048, 4),
@@ -61,9 +52,7 @@ VARIANTS = {  # name -> a context manager that applies the variant
     "current": contextlib.nullcontext,
     "h100-tiles": h100_tiles,
     "torch-argmax": lambda: patched(modeling, argmax_rows=lambda logits: logits.float().argmax(dim=-1)),
-    "separate-input-norm": lambda: patched(
-        modeling.DeepseekV3Attention,
-        _forward_kernels=separate_input_norm(modeling.DeepseekV3Attention._forward_kernels)),
+    "separate-input-norm": lambda: patched(modeling.DeepseekV3Attention, fuses_input_norm=lambda *args: False),
 }
 
 

@@ -357,24 +357,22 @@ class DeepseekV3Attention(nn.Module):
         attention_bias: torch.Tensor | None,
         past_key_values: Cache | None = None,
         use_absorbed: bool = False,
-        input_norm: nn.Module | None = None,
+        input_norm: tuple[torch.Tensor, float] | None = None,
     ) -> torch.Tensor:
         """hidden_states [B, T, D], position_embeddings (cos, sin) [B, T, R/2], attention_bias [B|1, 1, T, S], or
         None: no masking for one new token, causal only for a prompt (T > 1, no past). Appends this step's
-        (c_kv, k_pe) to `past_key_values`. Returns [B, T, D]. With `input_norm` (the decoder layer's input
-        RMSNorm), hidden_states are the layer's input before it: the decode kernels apply it inside the a-projection
-        kernel, every other path calls it first."""
+        (c_kv, k_pe) to `past_key_values`. Returns [B, T, D]. `input_norm = (weight, eps)`: hidden_states are
+        the decoder layer's input before its RMSNorm, which the decode kernels apply inside the a-projection
+        kernel; only where `fuses_input_norm` holds."""
         B, T, _ = hidden_states.shape
         H, N, R, L = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
         cos_BTr, sin_BTr = position_embeddings
         kernels = _use_decode_kernels(self.config, self, hidden_states)
-        if kernels and B * T <= MAX_GEMV_TOKENS and self._can_fuse_latent_kernels(hidden_states) and (
-            input_norm is None or _plain_norm(input_norm, hidden_states)
+        if input_norm is not None or (
+            kernels and B * T <= MAX_GEMV_TOKENS and self._can_fuse_latent_kernels(hidden_states)
         ):
             return self._forward_kernels(hidden_states, position_embeddings, attention_bias, past_key_values,
                                          use_absorbed, input_norm)
-        if input_norm is not None:
-            hidden_states = input_norm(hidden_states)
 
         if self.q_lora_rank is None:
             q = self.q_proj(hidden_states)
@@ -440,19 +438,31 @@ class DeepseekV3Attention(nn.Module):
             advance_length=advance_length,
         ).view(B, 1, H * self.v_head_dim)
 
+    def fuses_input_norm(self, hidden_states: torch.Tensor, norm: nn.Module) -> bool:
+        """Whether `forward` takes the decode kernels' path on hidden_states and can apply the decoder layer's
+        input RMSNorm `norm` inside its first kernel (pass `input_norm=(norm.weight, norm.variance_epsilon)` with
+        the un-normalized input; hooks on `norm` itself are then not called)."""
+        B, T, _ = hidden_states.shape
+        return (
+            _use_decode_kernels(self.config, self, hidden_states)
+            and B * T <= MAX_GEMV_TOKENS
+            and self._can_fuse_latent_kernels(hidden_states)
+            and _plain_norm(norm, hidden_states)
+        )
+
     def _forward_kernels(self, hidden_states, position_embeddings, attention_bias, past_key_values, use_absorbed,
                          input_norm=None):
         """`forward` for a few tokens with `decode_kernels` (decode_kernels.py), ~9 launches instead of ~30: q_a_proj
-        and kv_a_proj_with_mqa in one pass over both weights (with the layer's input RMSNorm `input_norm` applied
-        inside it, when given); both latent norms and the RoPE of k_pe in one kernel
+        and kv_a_proj_with_mqa in one pass over both weights (with the layer's input RMSNorm `input_norm` =
+        (weight, eps) applied inside it, when given); both latent norms and the RoPE of k_pe in one kernel
         that writes c_kv and k_pe straight into a static cache's slots; with the absorbed form and one new token,
         `_attend_one_token_kernels`. Same math as the eager path above, which stays the reference (test_gpu.py
         holds them equal)."""
         B, T, _ = hidden_states.shape
         H, N, R = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim
         cos_Tr, sin_Tr = (angle.expand(B, T, -1).reshape(B * T, -1) for angle in position_embeddings)
-        norm = (input_norm.weight, input_norm.variance_epsilon) if input_norm is not None else None
-        projected_BTk = linear_pair(hidden_states, self.q_a_proj.weight, self.kv_a_proj_with_mqa.weight, norm=norm)
+        projected_BTk = linear_pair(hidden_states, self.q_a_proj.weight, self.kv_a_proj_with_mqa.weight,
+                                    norm=input_norm)
         norms = (self.q_a_layernorm.weight, self.kv_a_layernorm.weight, self.kv_a_layernorm.variance_epsilon)
         layer = _writable_static_layer(past_key_values, self.layer_idx, hidden_states)
         absorbed = self._absorbs_one_token(use_absorbed, T, attention_bias)
@@ -1115,10 +1125,14 @@ class DeepseekV3DecoderLayer(GradientCheckpointingLayer):
         """[B, T, D] -> ([B, T, D], balance loss of this layer or None). `token_mask` [B, T] (1 = real token) keeps
         padding out of the MoE's load counts and balance loss."""
         residual = hidden_states
-        hidden_states = self.self_attn(
-            hidden_states, position_embeddings, attention_bias, past_key_values, use_absorbed,
-            input_norm=self.input_layernorm,
-        )
+        norm = self.input_layernorm
+        if self.self_attn.fuses_input_norm(hidden_states, norm):  # decode kernels: the norm inside the first one
+            hidden_states = self.self_attn(hidden_states, position_embeddings, attention_bias, past_key_values,
+                                           use_absorbed, input_norm=(norm.weight, norm.variance_epsilon))
+        else:
+            hidden_states = self.self_attn(
+                norm(hidden_states), position_embeddings, attention_bias, past_key_values, use_absorbed
+            )
         norm = self.post_attention_layernorm
         if _use_decode_kernels(norm.config, norm, hidden_states) and _plain_norm(norm, hidden_states) and (
             hidden_states.numel() <= MAX_GEMV_TOKENS * hidden_states.shape[-1] and residual.stride(-1) == 1
