@@ -367,12 +367,10 @@ class DeepseekV3Attention(nn.Module):
         B, T, _ = hidden_states.shape
         H, N, R, L = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
         cos_BTr, sin_BTr = position_embeddings
-        kernels = _use_decode_kernels(self.config, self, hidden_states)
-        if input_norm is not None or (
-            kernels and B * T <= MAX_GEMV_TOKENS and self._can_fuse_latent_kernels(hidden_states)
-        ):
+        if input_norm is not None or self._takes_latent_kernels(hidden_states):
             return self._forward_kernels(hidden_states, position_embeddings, attention_bias, past_key_values,
                                          use_absorbed, input_norm)
+        kernels = _use_decode_kernels(self.config, self, hidden_states)
 
         if self.q_lora_rank is None:
             q = self.q_proj(hidden_states)
@@ -442,13 +440,7 @@ class DeepseekV3Attention(nn.Module):
         """Whether `forward` takes the decode kernels' path on hidden_states and can apply the decoder layer's
         input RMSNorm `norm` inside its first kernel (pass `input_norm=(norm.weight, norm.variance_epsilon)` with
         the un-normalized input; hooks on `norm` itself are then not called)."""
-        B, T, _ = hidden_states.shape
-        return (
-            _use_decode_kernels(self.config, self, hidden_states)
-            and B * T <= MAX_GEMV_TOKENS
-            and self._can_fuse_latent_kernels(hidden_states)
-            and _plain_norm(norm, hidden_states)
-        )
+        return self._takes_latent_kernels(hidden_states) and _plain_norm(norm, hidden_states)
 
     def _forward_kernels(self, hidden_states, position_embeddings, attention_bias, past_key_values, use_absorbed,
                          input_norm=None):
@@ -505,10 +497,15 @@ class DeepseekV3Attention(nn.Module):
         calls kv_b_proj."""
         return type(self.kv_b_proj) is nn.Linear and self.kv_b_proj.weight.device.type != "meta"
 
-    def _can_fuse_latent_kernels(self, x: torch.Tensor) -> bool:
-        """`_forward_kernels` reads the a-projections' and the latent norms' weights directly: plain modules only."""
+    def _takes_latent_kernels(self, x: torch.Tensor) -> bool:
+        """Whether `forward` runs `_forward_kernels` on x [B, T, D]: decode kernels on (`_use_decode_kernels`), at
+        most MAX_GEMV_TOKENS tokens, and plain modules only (it reads the a-projections' and the latent norms'
+        weights directly)."""
+        B, T, _ = x.shape
         return (
-            self.q_lora_rank is not None
+            _use_decode_kernels(self.config, self, x)
+            and B * T <= MAX_GEMV_TOKENS
+            and self.q_lora_rank is not None
             and _plain_weight(self.q_a_proj, x)
             and _plain_weight(self.kv_a_proj_with_mqa, x)
             and _plain_norm(self.q_a_layernorm, x)
