@@ -38,12 +38,16 @@ if triton is not None:
         stride_xt, stride_we, stride_wr, stride_sr, stride_op,
         BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
     ):
-        if PDL:  # see decode_kernels.USE_PDL; the experts to read come from the router's kernel
-            gdc_launch_dependents()
-            gdc_wait()
+        # See decode_kernels.USE_PDL. The routed pairs' experts come from the router's kernel, just before this one:
+        # their programs wait first. The shared experts' programs load their first weights before the wait. Every
+        # program lets the next kernel (`_down_kernel`) launch only after its wait, so that the down projection may
+        # read the experts before its own wait.
         pair = tl.program_id(0)
         block = tl.program_id(1)
         if pair < P_ROUTED:  # (token, slot) pair: rows [0, I) of expert e's gate_up block are gate, [I, 2I) up
+            if PDL:
+                gdc_wait()
+                gdc_launch_dependents()
             token = pair // K
             expert = tl.load(expert_ptr + pair).to(tl.int64)
             gate_base = w_ptr + expert * stride_we
@@ -62,10 +66,13 @@ if triton is not None:
         for start in range(0, D, BLOCK_D):
             cols = start + tl.arange(0, BLOCK_D)
             col_mask = cols < D
-            x = tl.load(x_ptr + token * stride_xt + cols, mask=col_mask, other=0.0).to(tl.float32)
             mask = row_mask[:, None] & col_mask[None, :]
             w_gate = tl.load(gate_base + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
             w_up = tl.load(up_base + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
+            if PDL:  # (the routed pairs' programs have waited already)
+                gdc_wait()
+                gdc_launch_dependents()
+            x = tl.load(x_ptr + token * stride_xt + cols, mask=col_mask, other=0.0).to(tl.float32)
             acc_gate += tl.sum(w_gate.to(tl.float32) * x[None, :], axis=1)
             acc_up += tl.sum(w_up.to(tl.float32) * x[None, :], axis=1)
         # SiLU in float32, then the product rounded once to the activation dtype.
@@ -80,10 +87,11 @@ if triton is not None:
     ):
         if PDL:
             gdc_launch_dependents()
-            gdc_wait()
         pair = tl.program_id(0)
         block = tl.program_id(1)
         if pair < P_ROUTED:  # expert e's down_proj [D, I]
+            # Read before the wait (see USE_PDL): the router's kernel wrote the experts, and `_gate_up_act_kernel`,
+            # the kernel before this one, lets this one launch only after its own wait on the router's kernel.
             expert = tl.load(expert_ptr + pair).to(tl.int64)
             w_base = w_ptr + expert * stride_we
             stride_r = stride_wr
@@ -97,9 +105,11 @@ if triton is not None:
         for start in range(0, I, BLOCK_I):
             cols = start + tl.arange(0, BLOCK_I)
             col_mask = cols < I
-            h = tl.load(h_ptr + pair * stride_hp + cols, mask=col_mask, other=0.0).to(tl.float32)
             w = tl.load(w_base + rows[:, None] * stride_r + cols[None, :],
                         mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+            if PDL:  # the weights are in flight; h is the previous kernel's output
+                gdc_wait()
+            h = tl.load(h_ptr + pair * stride_hp + cols, mask=col_mask, other=0.0).to(tl.float32)
             acc += tl.sum(w.to(tl.float32) * h[None, :], axis=1)
         tl.store(out_ptr + pair * stride_op + rows, acc, mask=row_mask)
 
@@ -188,7 +198,7 @@ def combine_sorted_pairs(y_PD: torch.Tensor, position_TK: torch.Tensor, w_TK: to
 # TB/s): gate/up 22.3 us a layer (4.13 TB/s) against 22.9 us for the H100's (2, 2048, 2); down 14.6 us (3.16 TB/s)
 # against 18.3 us for (2, 2048, 8).
 GATE_UP_TILE = (4, 2048, 4)
-DOWN_TILE = (8, 256, 4)
+DOWN_TILE = (8, 2048, 4)
 
 
 def _shared_parts(what: str, weights: dict, width_dim: int, I: int, D: int, dtype: torch.dtype) -> int:
