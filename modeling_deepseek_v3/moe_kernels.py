@@ -195,8 +195,9 @@ def combine_sorted_pairs(y_PD: torch.Tensor, position_TK: torch.Tensor, w_TK: to
 
 # Tiles (rows per program, columns per step, warps), the fastest of a sweep on one H200 at the V3-Lite decode shapes
 # (`benchmarks/tune_decode_kernels.py --only moe`: 6 routed + 2 shared experts of one token; copy bandwidth 4.15
-# TB/s): gate/up 22.3 us a layer (4.13 TB/s) against 22.9 us for the H100's (2, 2048, 2); down 14.6 us (3.16 TB/s)
-# against 18.3 us for (2, 2048, 8).
+# TB/s): gate/up 22.3 us a layer (4.13 TB/s) against 22.9 us for the H100's (2, 2048, 2). The down projection loads
+# its weights before the PDL wait: whole rows, so that a program issues them all at once; in the captured step
+# (benchmarks/ab_decode_step.py, H200) (8, 2048, 4) beat the isolated sweep's (8, 256, 4) by 0.079 ms a step.
 GATE_UP_TILE = (4, 2048, 4)
 DOWN_TILE = (8, 2048, 4)
 
