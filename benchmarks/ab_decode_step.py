@@ -9,7 +9,13 @@ token of the random weights after some steps.
 - `current`: the package as it is;
 - `h100-tiles`: the matrix-vector and MoE tiles swept on an H100 (before the H200 sweep);
 - `torch-argmax`: the greedy token from torch's one-pass `argmax` of the float32 logits instead of `argmax_rows`;
-- `separate-input-norm`: the layer's input RMSNorm as its own launch instead of inside the q_a/kv_a kernel.
+- `separate-input-norm`: the layer's input RMSNorm as its own launch instead of inside the q_a/kv_a kernel;
+- `separate-combine`: the attention's combine as its own launch before W_UV instead of inside it;
+- `keys-after-wait`: the attention split kernel reads its first keys after the previous kernel instead of before;
+- `down-tile-256`: the MoE down projection's tile before the change (8 rows, 256 columns a step), whose weight
+  loads mostly wait for the previous kernel;
+- `separate-latent-norm`: the latent norms and k_pe's RoPE as their own launch (`latent_norm_rope`) instead of
+  q_a's norm inside q_b_proj's pass and the latent row written by the absorbed query's launch.
 
     python benchmarks/ab_decode_step.py --preset deepseek-v3-lite --context 1024 --rounds 2
 """
@@ -48,11 +54,19 @@ def h100_tiles():
     return stack
 
 
+def attention_config(**values):
+    return patched(decode_kernels, ATTENTION_CONFIG={**decode_kernels.ATTENTION_CONFIG, **values})
+
+
 VARIANTS = {  # name -> a context manager that applies the variant
     "current": contextlib.nullcontext,
     "h100-tiles": h100_tiles,
     "torch-argmax": lambda: patched(modeling, argmax_rows=lambda logits: logits.float().argmax(dim=-1)),
     "separate-input-norm": lambda: patched(modeling.DeepseekV3Attention, fuses_input_norm=lambda *args: False),
+    "separate-combine": lambda: attention_config(fold_splits=0),
+    "keys-after-wait": lambda: attention_config(early_keys=False),
+    "down-tile-256": lambda: patched(moe_kernels, DOWN_TILE=(8, 256, 4)),
+    "separate-latent-norm": lambda: patched(modeling.DeepseekV3Attention, _writes_latent_in_absorb=lambda *a: False),
 }
 
 

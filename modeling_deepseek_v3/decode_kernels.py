@@ -18,17 +18,21 @@ one or two launches, with the same float32 math as the eager reference in `model
 - `rotate_pairs_`: interleaved-pair RoPE of every head of `q_pe` and of `k_pe`, in place, in one launch;
 - `absorbed_decode_attention`: multi-query attention of one new token per sequence over the latent cache
   (scores `q_lat . c_kv + q_pe . k_pe`, float32 softmax, values `c_kv`), split over the keys
-  (flash-decoding) so that a long context spreads over the GPU, then one combine, and W_UV per head;
+  (flash-decoding) so that a long context spreads over the GPU, then one combine, and W_UV per head (with few
+  splits the combine runs inside the W_UV launch); on a static cache it reads its first keys before the previous
+  kernel ends;
 - `latent_norm_rope`: after the fused a-projection, both latent RMSNorms and the RoPE of k_pe in one launch,
   writing c_kv and k_pe straight into a static cache's slots (its device-side length: no host sync);
-- `absorb_query`: `q_nope @ W_UK` per head and the RoPE of q_pe, one launch;
+- `absorb_query`: `q_nope @ W_UK` per head and the RoPE of q_pe, one launch (on a static cache, also the new
+  token's latent row, so that a one-token step needs no `latent_norm_rope`: q_b_proj's `linear_pair` applies
+  q_a's norm);
 - `add_rms_norm`: the residual add and the next RMSNorm; `moe_combine`: the routed experts' weighted sum, the
   shared experts and the residual, with the eager path's roundings;
 - `argmax_rows`: the greedy token of a decode step (`DecodeGraph`), the argmax over the vocabulary in two passes.
 
-A MoE decoder layer's decode step is then 14 launches (attention 8 with its input norm, MoE 6 with the
-post-attention norm and the experts of `moe_kernels.py`) instead of ~110, chained by programmatic dependent launch
-on Hopper (`USE_PDL`). The tiles come from `benchmarks/tune_decode_kernels.py`; `tests/test_decode_kernels.py`
+A MoE decoder layer's decode step on a static cache is then 12 launches (attention 6 with its input norm: q_a/kv_a,
+q_b, absorbed query, split, combine with W_UV, o_proj; MoE 6 with the post-attention norm and the experts of
+`moe_kernels.py`) instead of ~110, chained by programmatic dependent launch on Hopper (`USE_PDL`). The tiles come from `benchmarks/tune_decode_kernels.py`; `tests/test_decode_kernels.py`
 compiles every kernel for Hopper and runs the loop-free ones in Triton's interpreter without a GPU (from Triton 3.9
 on also the experts' kernels and `linear_pair` with the norm), `tests/test_gpu.py` holds them equal to the eager
 path on a GPU.
@@ -288,52 +292,90 @@ if triton is not None:
         _rotate_pairs_row(base, base, cos_ptr + row * stride_ct, sin_ptr + row * stride_ct, i, i < HALF)
 
     @triton.jit
+    def _attend_block(q_lat, q_pe, c_kv, k_pe, bias, key_mask, running_max, running_sum, acc, scale,
+                      HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
+        # One block of keys into the online softmax of every head: scores, float32 running max / sum, values c_kv.
+        scores = tl.dot(q_lat, tl.trans(c_kv), input_precision=PRECISION)
+        scores = tl.dot(q_pe, tl.trans(k_pe), acc=scores, input_precision=PRECISION) * scale
+        if HAS_BIAS:
+            scores += bias[None, :]
+        scores = tl.where(key_mask[None, :], scores, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+        correction = tl.exp(running_max - new_max)
+        p = tl.exp(scores - new_max[:, None])
+        running_sum = running_sum * correction + tl.sum(p, axis=1)
+        acc = acc * correction[:, None] + tl.dot(p.to(c_kv.dtype), c_kv, input_precision=PRECISION)
+        return new_max, running_sum, acc
+
+    @triton.jit
     def _absorbed_attention_split_kernel(
-        q_lat_ptr, q_pe_ptr, c_kv_ptr, k_pe_ptr, bias_ptr, acc_ptr, max_ptr, sum_ptr,
+        q_lat_ptr, q_pe_ptr, c_kv_ptr, k_pe_ptr, bias_ptr, fresh_ptr, acc_ptr, max_ptr, sum_ptr,
         H, S, L, R, blocks_per_split, scale,
         stride_qlh, stride_qlb, stride_qph, stride_qpb,
         stride_cb, stride_cs, stride_kb, stride_ks, stride_bb,
         stride_ab, stride_ah, stride_as, stride_mb, stride_mh,
-        HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+        HAS_BIAS: tl.constexpr, FRESH: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr,
     ):
+        # FRESH: the step's earlier kernels wrote only the cache slot `fresh_ptr[0]` (a static cache's length,
+        # itself last written by an earlier step). Then the split's first block of keys is read before the wait
+        # (see USE_PDL), while the query's kernels run, and only the fresh slot's row after it.
         if PDL:
             gdc_launch_dependents()
-            gdc_wait()
+            if not FRESH:
+                gdc_wait()
         b = tl.program_id(0).to(tl.int64)
         head = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         split = tl.program_id(2)
         head_mask = head < H
         lat = tl.arange(0, BLOCK_L)
         rope = tl.arange(0, BLOCK_R)
+        lat_mask = lat < L
+        rope_mask = rope < R
+        first = split * blocks_per_split
+        key = first * BLOCK_S + tl.arange(0, BLOCK_S)
+        key_mask = key < S
+        c_kv = tl.load(c_kv_ptr + b * stride_cb + key[:, None] * stride_cs + lat[None, :],
+                       mask=key_mask[:, None] & lat_mask[None, :], other=0.0)
+        k_pe = tl.load(k_pe_ptr + b * stride_kb + key[:, None] * stride_ks + rope[None, :],
+                       mask=key_mask[:, None] & rope_mask[None, :], other=0.0)
+        if FRESH:
+            fresh = tl.load(fresh_ptr)
+            if PDL:
+                gdc_wait()
+            here = (fresh >= first * BLOCK_S) & (fresh < first * BLOCK_S + BLOCK_S) & (fresh < S)
+            c_new = tl.load(c_kv_ptr + b * stride_cb + fresh * stride_cs + lat, mask=lat < tl.where(here, L, 0),
+                            other=0.0)
+            k_new = tl.load(k_pe_ptr + b * stride_kb + fresh * stride_ks + rope, mask=rope < tl.where(here, R, 0),
+                            other=0.0)
+            c_kv = tl.where((key == fresh)[:, None], c_new[None, :], c_kv)
+            k_pe = tl.where((key == fresh)[:, None], k_new[None, :], k_pe)
         q_lat = tl.load(q_lat_ptr + head[:, None] * stride_qlh + b * stride_qlb + lat[None, :],
-                        mask=head_mask[:, None] & (lat[None, :] < L), other=0.0)
+                        mask=head_mask[:, None] & lat_mask[None, :], other=0.0)
         q_pe = tl.load(q_pe_ptr + head[:, None] * stride_qph + b * stride_qpb + rope[None, :],
-                       mask=head_mask[:, None] & (rope[None, :] < R), other=0.0)
+                       mask=head_mask[:, None] & rope_mask[None, :], other=0.0)
+        bias = tl.zeros((BLOCK_S,), dtype=tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + b * stride_bb + key, mask=key_mask, other=0.0).to(tl.float32)
         # A finite start: a split whose keys are all masked keeps weight exp(-inf) = 0 and no NaN.
         running_max = tl.full((BLOCK_H,), -1e30, dtype=tl.float32)
         running_sum = tl.zeros((BLOCK_H,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_H, BLOCK_L), dtype=tl.float32)
-        for block in range(split * blocks_per_split, (split + 1) * blocks_per_split):
+        running_max, running_sum, acc = _attend_block(q_lat, q_pe, c_kv, k_pe, bias, key_mask, running_max,
+                                                      running_sum, acc, scale, HAS_BIAS, PRECISION)
+        for block in range(first + 1, first + blocks_per_split):  # after the wait: the fresh slot may be here
             key = block * BLOCK_S + tl.arange(0, BLOCK_S)
             key_mask = key < S
             c_kv = tl.load(c_kv_ptr + b * stride_cb + key[:, None] * stride_cs + lat[None, :],
-                           mask=key_mask[:, None] & (lat[None, :] < L), other=0.0)
+                           mask=key_mask[:, None] & lat_mask[None, :], other=0.0)
             k_pe = tl.load(k_pe_ptr + b * stride_kb + key[:, None] * stride_ks + rope[None, :],
-                           mask=key_mask[:, None] & (rope[None, :] < R), other=0.0)
-            scores = tl.dot(q_lat, tl.trans(c_kv), input_precision=PRECISION)
-            scores = tl.dot(q_pe, tl.trans(k_pe), acc=scores, input_precision=PRECISION) * scale
+                           mask=key_mask[:, None] & rope_mask[None, :], other=0.0)
             if HAS_BIAS:
-                scores += tl.load(bias_ptr + b * stride_bb + key, mask=key_mask, other=0.0).to(tl.float32)[None, :]
-            scores = tl.where(key_mask[None, :], scores, float("-inf"))
-            new_max = tl.maximum(running_max, tl.max(scores, axis=1))
-            correction = tl.exp(running_max - new_max)
-            p = tl.exp(scores - new_max[:, None])
-            running_sum = running_sum * correction + tl.sum(p, axis=1)
-            acc = acc * correction[:, None] + tl.dot(p.to(c_kv.dtype), c_kv, input_precision=PRECISION)
-            running_max = new_max
+                bias = tl.load(bias_ptr + b * stride_bb + key, mask=key_mask, other=0.0).to(tl.float32)
+            running_max, running_sum, acc = _attend_block(q_lat, q_pe, c_kv, k_pe, bias, key_mask, running_max,
+                                                          running_sum, acc, scale, HAS_BIAS, PRECISION)
         tl.store(acc_ptr + b * stride_ab + head[:, None] * stride_ah + split * stride_as + lat[None, :], acc,
-                 mask=head_mask[:, None] & (lat[None, :] < L))
+                 mask=head_mask[:, None] & lat_mask[None, :])
         tl.store(max_ptr + b * stride_mb + head * stride_mh + split, running_max, mask=head_mask)
         tl.store(sum_ptr + b * stride_mb + head * stride_mh + split, running_sum, mask=head_mask)
 
@@ -413,6 +455,19 @@ if triton is not None:
         tl.store(out_ptr + token * D + cols, (residual + out).to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _latent_row(src, kv_norm_ptr, cos_row, sin_row, c_kv_dst, k_pe_dst, inside, L, eps,
+                    HALF: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_HALF: tl.constexpr):
+        # kv_a_layernorm of the c_kv row at src [0, L) to c_kv_dst and the RoPE of the k_pe row at src [L, L + 2 HALF)
+        # to k_pe_dst; nothing is written unless `inside` (never past a full static cache).
+        cols = tl.arange(0, BLOCK_L)
+        mask = cols < L
+        x = tl.load(src + cols, mask=mask, other=0.0).to(tl.float32)
+        y = _rms_norm_row(x, kv_norm_ptr, cols, mask, L, eps, src.dtype.element_ty)
+        tl.store(c_kv_dst + cols, y.to(c_kv_dst.dtype.element_ty), mask=cols < tl.where(inside, L, 0))
+        i = tl.arange(0, BLOCK_HALF)
+        _rotate_pairs_row(src + L, k_pe_dst, cos_row, sin_row, i, i < tl.where(inside, HALF, 0))
+
+    @triton.jit
     def _latent_norm_rope_kernel(
         proj_ptr, q_norm_ptr, kv_norm_ptr, cos_ptr, sin_ptr, length_ptr, q_out_ptr, c_kv_ptr, k_pe_ptr,
         T, Q, L, S, stride_p, stride_cb, stride_cs, stride_kb, stride_ks, stride_ct, eps,
@@ -439,21 +494,16 @@ if triton is not None:
             slot = row % T
             if HAS_LENGTH:
                 slot += tl.load(length_ptr)
-            inside = slot < S  # never write past the cache (a full static cache)
-            cols = tl.arange(0, BLOCK_L)
-            mask = cols < L
-            x = tl.load(src + Q + cols, mask=mask, other=0.0).to(tl.float32)
-            y = _rms_norm_row(x, kv_norm_ptr, cols, mask, L, eps, proj_ptr.dtype.element_ty)
-            tl.store(c_kv_ptr + b * stride_cb + slot * stride_cs + cols, y.to(c_kv_ptr.dtype.element_ty),
-                     mask=cols < tl.where(inside, L, 0))
-            i = tl.arange(0, BLOCK_HALF)
-            _rotate_pairs_row(src + Q + L, k_pe_ptr + b * stride_kb + slot * stride_ks, cos_ptr + row * stride_ct,
-                              sin_ptr + row * stride_ct, i, i < tl.where(inside, HALF, 0))
+            _latent_row(src + Q, kv_norm_ptr, cos_ptr + row * stride_ct, sin_ptr + row * stride_ct,
+                        c_kv_ptr + b * stride_cb + slot * stride_cs, k_pe_ptr + b * stride_kb + slot * stride_ks,
+                        slot < S, L, eps, HALF, BLOCK_L, BLOCK_HALF)
 
     @triton.jit
     def _absorb_query_kernel(
         q_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, N, L, stride_qb, stride_qh, stride_w, stride_c, stride_oh, stride_ob,
-        ROWS_PER_HEAD: tl.constexpr, HALF: tl.constexpr,
+        latent_ptr, kv_norm_ptr, length_ptr, c_kv_ptr, k_pe_ptr, S, stride_lb, stride_cb, stride_cs, stride_kb,
+        stride_ks, eps,
+        ROWS_PER_HEAD: tl.constexpr, HALF: tl.constexpr, LATENT: tl.constexpr, BLOCK_LATENT: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_HALF: tl.constexpr, PDL: tl.constexpr,
     ):
         if PDL:
@@ -474,12 +524,22 @@ if triton is not None:
             q_nope = tl.load(q_row + n, mask=n < N, other=0.0).to(tl.float32)
             q_lat = tl.sum(w.to(tl.float32) * q_nope[:, None], axis=0)
             tl.store(out_row + lat, q_lat.to(out_ptr.dtype.element_ty), mask=lat < L)
-        else:
+        elif block == tl.cdiv(L, BLOCK_L):
             # The rotated q_pe after q_lat: interleaved pairs, as `apply_rotary_interleaved`.
             if PDL:
                 gdc_wait()
             i = tl.arange(0, BLOCK_HALF)
             _rotate_pairs_row(q_row + N, out_row + L, cos_ptr + b * stride_c, sin_ptr + b * stride_c, i, i < HALF)
+        elif LATENT:
+            # (head 0's last program) The new token's latent row into the static cache at slot `length`, as
+            # latent_norm_rope does: kv_a_layernorm of c_kv and the RoPE of k_pe.
+            if head == 0:
+                if PDL:
+                    gdc_wait()
+                slot = tl.load(length_ptr)
+                _latent_row(latent_ptr + b * stride_lb, kv_norm_ptr, cos_ptr + b * stride_c, sin_ptr + b * stride_c,
+                            c_kv_ptr + b * stride_cb + slot * stride_cs, k_pe_ptr + b * stride_kb + slot * stride_ks,
+                            slot < S, L, eps, HALF, BLOCK_LATENT, BLOCK_HALF)
 
     @triton.jit
     def _head_values_kernel(
@@ -500,6 +560,44 @@ if triton is not None:
         o_lat = tl.load(o_lat_ptr + head * stride_oh + b * stride_ob + lat, mask=lat < L, other=0.0).to(tl.float32)
         out = tl.sum(w.to(tl.float32) * o_lat[None, :], axis=1)
         tl.store(out_ptr + b * stride_out + head * V + v, out.to(out_ptr.dtype.element_ty), mask=v < V)
+
+    @triton.jit
+    def _combine_head_values_kernel(
+        acc_ptr, max_ptr, sum_ptr, w_ptr, out_ptr, length_ptr, L, N, V, SPLITS,
+        stride_ab, stride_ah, stride_as, stride_mb, stride_mh, stride_w, stride_out,
+        ADVANCE: tl.constexpr, ROWS_PER_HEAD: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_V: tl.constexpr,
+        BLOCK_L: tl.constexpr, PDL: tl.constexpr,
+    ):
+        # The combine of the split kernel's partials and W_UV in one launch, for few splits: each program combines
+        # its head's partials itself (an L2 read of SPLITS rows), with the math of _absorbed_attention_combine_kernel
+        # (o_lat rounded to the values' dtype, as that kernel writes it), then applies its BLOCK_V rows of W_UV as
+        # _head_values_kernel does.
+        if PDL:
+            gdc_launch_dependents()
+        b = tl.program_id(0).to(tl.int64)
+        head = tl.program_id(1).to(tl.int64)
+        v = tl.program_id(2) * BLOCK_V + tl.arange(0, BLOCK_V)
+        lat = tl.arange(0, BLOCK_L)
+        w = tl.load(w_ptr + (head * ROWS_PER_HEAD + N + v[:, None]) * stride_w + lat[None, :],
+                    mask=(v[:, None] < V) & (lat[None, :] < L), other=0.0)
+        if PDL:
+            gdc_wait()
+        if ADVANCE:  # as in the combine kernel
+            if (tl.program_id(0) == 0) & (tl.program_id(1) == 0) & (tl.program_id(2) == 0):
+                tl.store(length_ptr, tl.load(length_ptr) + 1)
+        split = tl.arange(0, BLOCK_SPLITS)
+        stats = b * stride_mb + head * stride_mh
+        split_max = tl.load(max_ptr + stats + split, mask=split < SPLITS, other=-1e30)
+        split_sum = tl.load(sum_ptr + stats + split, mask=split < SPLITS, other=0.0)
+        weight = tl.exp(split_max - tl.max(split_max, axis=0))
+        total = tl.sum(weight * split_sum, axis=0)
+        acc = tl.load(acc_ptr + b * stride_ab + head * stride_ah + split[:, None] * stride_as + lat[None, :],
+                      mask=(split[:, None] < SPLITS) & (lat[None, :] < L), other=0.0)
+        o_lat = tl.sum(acc * weight[:, None], axis=0) / tl.where(total > 0, total, 1.0)
+        o_lat = o_lat.to(out_ptr.dtype.element_ty).to(tl.float32)
+        out = tl.sum(w.to(tl.float32) * o_lat[None, :], axis=1)
+        tl.store(out_ptr + b * stride_out + head * V + v, out.to(out_ptr.dtype.element_ty), mask=v < V)
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim of `x` [..., C] (last dim contiguous, any row stride) -> [..., C] contiguous, in
@@ -639,10 +737,16 @@ def rotate_pairs_(
 
 
 # The split-key attention: keys per block, warps, pipeline stages of the split kernel; programs to aim for (B * head
-# blocks * splits) and the most splits (each writes a float32 partial [H, L] that the combine reads back). From a
-# sweep on one H100 (benchmarks/tune_decode_kernels.py --only attention, V3-Lite, batch 1): 6.4-6.9 us a layer at
-# 1k keys for every setting; at 32k keys 24.7 us with up to 256 splits against 28.3 us with 128.
-ATTENTION_CONFIG = {"block_s": 32, "warps": 4, "stages": 3, "programs": 264, "max_splits": 256}
+# blocks * splits) and the most splits (each writes a float32 partial [H, L] that the combine reads back); up to
+# `fold_splits` splits, the combine runs inside the W_UV kernel (each of its programs combines its head's partials)
+# instead of a launch of its own; `values_block`: W_UV rows per program; `early_keys`: on a static cache, the split
+# kernel reads its first block of keys before the PDL wait. From a sweep on one H100 (benchmarks/tune_decode_kernels.py
+# --only attention, V3-Lite, batch 1): 6.4-6.9 us a layer at 1k keys for every setting; at 32k keys 24.7 us with up
+# to 256 splits against 28.3 us with 128. In the captured step on an H200 (benchmarks/ab_decode_step.py, 1k keys):
+# the combine inside W_UV saves 0.018-0.026 ms a step, the early keys 0.036 (0.047 at 32k); fewer programs (16-32)
+# or other key blocks were slower.
+ATTENTION_CONFIG = {"block_s": 32, "warps": 4, "stages": 3, "programs": 264, "max_splits": 256, "fold_splits": 64,
+                    "values_block": 8, "early_keys": True}
 
 
 def absorbed_decode_attention(
@@ -657,11 +761,15 @@ def absorbed_decode_attention(
     `softmax(scale * (q_lat . c_kv + q_pe . k_pe) + bias) @ c_kv`, softmax in float32. A row whose keys are all
     masked (-inf) gives zeros.
 
-    With `w_kv_b` (kv_b_proj's weight [H * (N + V), L], N = `nope_dim`) a third launch applies W_UV (rows N..N+V of
-    each head's block) to o_lat: -> o [B, H * V], the heads' values side by side as o_proj reads them.
+    With `w_kv_b` (kv_b_proj's weight [H * (N + V), L], N = `nope_dim`) W_UV (rows N..N+V of each head's block) is
+    applied to o_lat: -> o [B, H * V], the heads' values side by side as o_proj reads them (with few splits, the
+    combine and W_UV are one launch).
 
-    `advance_length` (a static cache layer's device-side length, 0-dim int64) is advanced by one once the keys are
-    read, inside the combine: what `StaticLayer.update` does after its copies, without a launch of its own."""
+    `advance_length` is a static cache layer's device-side length, 0-dim int64, for the step that wrote the new
+    token at slot `length` (`latent_norm_rope` with this cache): it is advanced by one once the keys are read,
+    inside the combine (what `StaticLayer.update` does after its copies, without a launch of its own). It also tells
+    the split kernel that every other slot was written before this forward's kernels, so it reads its first keys
+    while the previous kernels run (USE_PDL) and only the new slot after them."""
     H, B, L = q_lat_HBl.shape
     S, R = c_kv_BSl.shape[1], k_pe_BSr.shape[-1]
     config = {**ATTENTION_CONFIG, **(config or {})}
@@ -682,37 +790,49 @@ def absorbed_decode_attention(
     for t in (q_lat_HBl, q_pe_HBr, c_kv_BSl, k_pe_BSr):
         if t.stride(-1) != 1:
             raise ValueError("absorbed_decode_attention: inputs need a contiguous last dim")
+    fresh = advance_length is not None
+    length_arg = advance_length if fresh else running
+    early = fresh and config["early_keys"]
     fp32_dot = q_lat_HBl.dtype == torch.float32
     _absorbed_attention_split_kernel[(B, head_blocks, splits)](
-        q_lat_HBl, q_pe_HBr, c_kv_BSl, k_pe_BSr, bias_arg, acc, running[0], running[1],
+        q_lat_HBl, q_pe_HBr, c_kv_BSl, k_pe_BSr, bias_arg, length_arg, acc, running[0], running[1],
         H, S, L, R, blocks_per_split, float(scale),
         q_lat_HBl.stride(0), q_lat_HBl.stride(1), q_pe_HBr.stride(0), q_pe_HBr.stride(1),
         c_kv_BSl.stride(0), c_kv_BSl.stride(1), k_pe_BSr.stride(0), k_pe_BSr.stride(1),
         bias_BS.stride(0) if has_bias else 0,
         acc.stride(0), acc.stride(1), acc.stride(2), running.stride(1), running.stride(2),
-        HAS_BIAS=has_bias, PRECISION="ieee" if fp32_dot else "tf32",
+        HAS_BIAS=has_bias, FRESH=early, PRECISION="ieee" if fp32_dot else "tf32",
         # tl.dot needs operands of at least 16 along the reduced dimension: pad L and R (masked loads).
         BLOCK_H=block_h, BLOCK_S=block_s, BLOCK_L=max(16, triton.next_power_of_2(L)),
         BLOCK_R=max(16, triton.next_power_of_2(R)),
         **_launch_options(q_lat_HBl), num_warps=config["warps"], num_stages=config["stages"],
     )
-    out = torch.empty(H, B, L, dtype=q_lat_HBl.dtype, device=q_lat_HBl.device)
     block_splits = triton.next_power_of_2(splits)
+    if w_kv_b is not None:
+        rows_per_head = w_kv_b.shape[0] // H
+        V = rows_per_head - nope_dim
+        if w_kv_b.stride(-1) != 1 or w_kv_b.shape[1] != L:
+            raise ValueError(f"absorbed_decode_attention: w_kv_b {tuple(w_kv_b.shape)} is not [H * (N + V), {L}]")
+        values = torch.empty(B, H * V, dtype=q_lat_HBl.dtype, device=q_lat_HBl.device)
+        block_v = config["values_block"]  # one pass over L per program: no loop-carried load latency
+        if splits <= config["fold_splits"]:
+            _combine_head_values_kernel[(B, H, triton.cdiv(V, block_v))](
+                acc, running[0], running[1], w_kv_b, values, length_arg, L, nope_dim, V, splits,
+                acc.stride(0), acc.stride(1), acc.stride(2), running.stride(1), running.stride(2), w_kv_b.stride(0),
+                values.stride(0), ADVANCE=fresh, ROWS_PER_HEAD=rows_per_head, BLOCK_SPLITS=block_splits,
+                BLOCK_V=block_v, BLOCK_L=triton.next_power_of_2(L), **_launch_options(acc), num_warps=4,
+            )
+            return values
+    out = torch.empty(H, B, L, dtype=q_lat_HBl.dtype, device=q_lat_HBl.device)
     block_l = max(16, min(64, 8192 // block_splits))  # at most 8K float32 partials per program
     _absorbed_attention_combine_kernel[(B, H, triton.cdiv(L, block_l))](
-        acc, running[0], running[1], out, advance_length if advance_length is not None else running, L, splits,
+        acc, running[0], running[1], out, length_arg, L, splits,
         acc.stride(0), acc.stride(1), acc.stride(2), running.stride(1), running.stride(2), out.stride(0),
-        out.stride(1), ADVANCE=advance_length is not None, BLOCK_SPLITS=block_splits, BLOCK_L=block_l,
+        out.stride(1), ADVANCE=fresh, BLOCK_SPLITS=block_splits, BLOCK_L=block_l,
         **_launch_options(acc), num_warps=4,
     )
     if w_kv_b is None:
         return out
-    rows_per_head = w_kv_b.shape[0] // H
-    V = rows_per_head - nope_dim
-    if w_kv_b.stride(-1) != 1 or w_kv_b.shape[1] != L:
-        raise ValueError(f"absorbed_decode_attention: w_kv_b {tuple(w_kv_b.shape)} is not [H * (N + V), {L}]")
-    values = torch.empty(B, H * V, dtype=q_lat_HBl.dtype, device=q_lat_HBl.device)
-    block_v = 8  # one pass over L per program: no loop-carried load latency
     _head_values_kernel[(B, H, triton.cdiv(V, block_v))](
         out, w_kv_b, values, L, nope_dim, V, out.stride(0), out.stride(1), w_kv_b.stride(0), values.stride(0),
         ROWS_PER_HEAD=rows_per_head, BLOCK_V=block_v, BLOCK_L=triton.next_power_of_2(L),
@@ -811,10 +931,14 @@ def latent_norm_rope(
 
 
 def absorb_query(q_BHk: torch.Tensor, w_kv_b: torch.Tensor, cos_Br: torch.Tensor, sin_Br: torch.Tensor,
-                 nope_dim: int) -> torch.Tensor:
+                 nope_dim: int, latent: tuple | None = None) -> torch.Tensor:
     """The absorbed query of one new token per sequence in one launch: `q_lat = q_nope @ W_UK` per head and the
     RoPE of q_pe. q_BHk [B, H, N + R] (q_b_proj's output, last dim contiguous), w_kv_b [H * (N + V), L], angles
-    cos_Br/sin_Br [B, R/2] float32 -> [H, B, L + R] ([q_lat | rotated q_pe]) in q's dtype."""
+    cos_Br/sin_Br [B, R/2] float32 -> [H, B, L + R] ([q_lat | rotated q_pe]) in q's dtype.
+
+    `latent = (kv_Bk, kv_norm_weight, eps, (c_kv_BSl, k_pe_BSr, length))`: the same launch also writes the new
+    token's latent row [c_kv | k_pe] (kv_Bk [B, L + R], last dim contiguous, as kv_a_proj_with_mqa wrote it) into a
+    static cache at slot `length`, as `latent_norm_rope` with that cache does (kv_a_layernorm of c_kv, RoPE of k_pe)."""
     B, H, width = q_BHk.shape
     N, R = nope_dim, width - nope_dim
     L = w_kv_b.shape[1]
@@ -822,12 +946,25 @@ def absorb_query(q_BHk: torch.Tensor, w_kv_b: torch.Tensor, cos_Br: torch.Tensor
         raise ValueError("absorb_query: inputs need a contiguous last dim")
     cos_Br, sin_Br = cos_Br.contiguous(), sin_Br.contiguous()
     out = torch.empty(H, B, L + R, dtype=q_BHk.dtype, device=q_BHk.device)
+    if latent is not None:
+        kv_Bk, kv_norm_weight, eps, (c_kv, k_pe, length) = latent
+        if (tuple(kv_Bk.shape) != (B, L + R) or kv_Bk.stride(-1) != 1 or c_kv.shape[0] != B or c_kv.stride(-1) != 1
+                or k_pe.stride(-1) != 1 or tuple(kv_norm_weight.shape) != (L,)):
+            raise ValueError(f"absorb_query: latent needs kv [{B}, {L + R}] and cache tensors [{B}, S, {L}] / "
+                             f"[{B}, S, {R}] (last dims contiguous) and a [{L}] norm weight; found kv "
+                             f"{tuple(kv_Bk.shape)}, cache {tuple(c_kv.shape)} / {tuple(k_pe.shape)}, norm "
+                             f"{tuple(kv_norm_weight.shape)}")
+    else:
+        kv_Bk, kv_norm_weight, eps, (c_kv, k_pe, length) = q_BHk, w_kv_b, 0.0, (out, out, out)
     block_l = 64
-    _absorb_query_kernel[(B, H, triton.cdiv(L, block_l) + 1)](
+    _absorb_query_kernel[(B, H, triton.cdiv(L, block_l) + (2 if latent is not None else 1))](
         q_BHk, w_kv_b, cos_Br, sin_Br, out, N, L, q_BHk.stride(0), q_BHk.stride(1), w_kv_b.stride(0),
-        cos_Br.stride(0), out.stride(0), out.stride(1), ROWS_PER_HEAD=w_kv_b.shape[0] // H, HALF=R // 2,
-        BLOCK_N=triton.next_power_of_2(N), BLOCK_L=block_l, BLOCK_HALF=triton.next_power_of_2(R // 2),
-        **_launch_options(q_BHk), num_warps=4,
+        cos_Br.stride(0), out.stride(0), out.stride(1),
+        kv_Bk, kv_norm_weight, length, c_kv, k_pe, c_kv.shape[1], kv_Bk.stride(0), c_kv.stride(0), c_kv.stride(1),
+        k_pe.stride(0), k_pe.stride(1), float(eps),
+        ROWS_PER_HEAD=w_kv_b.shape[0] // H, HALF=R // 2, LATENT=latent is not None,
+        BLOCK_LATENT=triton.next_power_of_2(L), BLOCK_N=triton.next_power_of_2(N), BLOCK_L=block_l,
+        BLOCK_HALF=triton.next_power_of_2(R // 2), **_launch_options(q_BHk), num_warps=4,
     )
     return out
 

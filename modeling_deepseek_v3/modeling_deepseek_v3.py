@@ -422,14 +422,16 @@ class DeepseekV3Attention(nn.Module):
             and (attention_bias is None or attention_bias.shape[1] == 1)
         )
 
-    def _attend_one_token_kernels(self, q, cos_Br, sin_Br, c_kv_BSl, k_pe_BSr, attention_bias, advance_length=None):
+    def _attend_one_token_kernels(self, q, cos_Br, sin_Br, c_kv_BSl, k_pe_BSr, attention_bias, advance_length=None,
+                                  latent=None):
         """q [B, 1, H * (N + R)] (q_b_proj's output, q_pe not yet rotated), angles [B, R/2] -> [B, 1, H * V]: the
         absorbed query (`q_nope @ W_UK`, RoPE of q_pe) in one launch, attention over the latent cache (split +
-        combine) and W_UV in one more. `advance_length`: see `absorbed_decode_attention`."""
+        combine) and W_UV in one or two more. `advance_length`: see `absorbed_decode_attention`; `latent`: the new
+        token's latent row, written to the cache by the absorbed query's launch (see `absorb_query`)."""
         B = q.shape[0]
         H, N, R, L = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
         w_kv_b = self.kv_b_proj.weight
-        q_HBk = absorb_query(q.view(B, H, N + R), w_kv_b, cos_Br, sin_Br, N)  # [q_lat | rotated q_pe]
+        q_HBk = absorb_query(q.view(B, H, N + R), w_kv_b, cos_Br, sin_Br, N, latent=latent)  # [q_lat | rotated q_pe]
         bias_BS = attention_bias[:, 0, 0] if attention_bias is not None else None
         return absorbed_decode_attention(
             q_HBk[..., :L], q_HBk[..., L:], c_kv_BSl, k_pe_BSr, bias_BS, self.scaling, w_kv_b, N,
@@ -448,8 +450,9 @@ class DeepseekV3Attention(nn.Module):
         and kv_a_proj_with_mqa in one pass over both weights (with the layer's input RMSNorm `input_norm` =
         (weight, eps) applied inside it, when given); both latent norms and the RoPE of k_pe in one kernel
         that writes c_kv and k_pe straight into a static cache's slots; with the absorbed form and one new token,
-        `_attend_one_token_kernels`. Same math as the eager path above, which stays the reference (test_gpu.py
-        holds them equal)."""
+        `_attend_one_token_kernels` (on a static cache, q_a_layernorm runs inside q_b_proj's pass and the
+        absorbed query's launch writes the latent row instead). Same math as the eager path above, which stays the
+        reference (test_gpu.py holds them equal)."""
         B, T, _ = hidden_states.shape
         H, N, R = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim
         cos_Tr, sin_Tr = (angle.expand(B, T, -1).reshape(B * T, -1) for angle in position_embeddings)
@@ -458,10 +461,19 @@ class DeepseekV3Attention(nn.Module):
         norms = (self.q_a_layernorm.weight, self.kv_a_layernorm.weight, self.kv_a_layernorm.variance_epsilon)
         layer = _writable_static_layer(past_key_values, self.layer_idx, hidden_states)
         absorbed = self._absorbs_one_token(use_absorbed, T, attention_bias)
+        q = latent = None
         if layer is not None:
             c_kv_BSl, k_pe_BSr = layer.keys[:, 0], layer.values[:, 0]
-            q_a_BTq, _, _ = latent_norm_rope(projected_BTk, *norms, cos_Tr, sin_Tr,
-                                             cache=(c_kv_BSl, k_pe_BSr, layer.cumulative_length))
+            cache = (c_kv_BSl, k_pe_BSr, layer.cumulative_length)
+            if absorbed and self._writes_latent_in_absorb(projected_BTk):
+                # q_a_layernorm inside q_b_proj's pass; the new latent row written to the cache by absorb_query.
+                Q = self.q_a_layernorm.weight.shape[0]
+                q = linear_pair(projected_BTk[..., :Q], self.q_b_proj.weight, None,
+                                norm=(self.q_a_layernorm.weight, self.q_a_layernorm.variance_epsilon))
+                latent = (projected_BTk[:, 0, Q:], self.kv_a_layernorm.weight, self.kv_a_layernorm.variance_epsilon,
+                          cache)
+            else:
+                q_a_BTq, _, _ = latent_norm_rope(projected_BTk, *norms, cos_Tr, sin_Tr, cache=cache)
             if not absorbed:  # (the absorbed attention's combine advances it, saving a launch)
                 layer.cumulative_length.add_(T)  # what StaticLayer.update does after its copies
         else:
@@ -473,12 +485,13 @@ class DeepseekV3Attention(nn.Module):
         keys = _attended_keys(attention_bias, T)
         if keys is not None and keys < c_kv_BSl.shape[1]:
             c_kv_BSl, k_pe_BSr = c_kv_BSl[:, :keys], k_pe_BSr[:, :keys]
-        q = _decode_linear(self.q_b_proj, q_a_BTq, True)  # [B, T, H * (N + R)]
+        if q is None:
+            q = _decode_linear(self.q_b_proj, q_a_BTq, True)  # [B, T, H * (N + R)]
 
         if absorbed:
             attn_BTo = self._attend_one_token_kernels(
                 q, cos_Tr, sin_Tr, c_kv_BSl, k_pe_BSr, attention_bias,
-                advance_length=layer.cumulative_length if layer is not None else None,
+                advance_length=layer.cumulative_length if layer is not None else None, latent=latent,
             )
         else:
             rotate_pairs_(q.view(B * T, H, N + R)[..., N:], None, cos_Tr, sin_Tr)  # in place
@@ -489,6 +502,12 @@ class DeepseekV3Attention(nn.Module):
                 attn_BHTv = self._attend_naive(q_nope_BHTn, q_pe_BHTr, c_kv_BSl, k_pe_BSr[:, None], attention_bias)
             attn_BTo = attn_BHTv.transpose(1, 2).reshape(B, T, H * self.v_head_dim)
         return _decode_linear(self.o_proj, attn_BTo, True)
+
+    def _writes_latent_in_absorb(self, projected_BTk: torch.Tensor) -> bool:
+        """Whether the one-token absorbed step on a static cache skips `latent_norm_rope`: q_b_proj (a plain
+        weight) applies q_a_layernorm inside its pass and `absorb_query` writes the new latent row to the cache
+        (one launch less a layer)."""
+        return _plain_weight(self.q_b_proj, projected_BTk)
 
     def _can_absorb(self) -> bool:
         """The absorbed form reads `kv_b_proj.weight` as W_UK/W_UV, so it needs a plain nn.Linear with a real weight.

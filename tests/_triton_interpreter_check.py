@@ -59,6 +59,14 @@ def main():
     q_pe = apply_rotary_interleaved(q[..., N:], cos[:B, None], sin[:B, None]).transpose(0, 1)
     assert relative_max_diff(q_HBk[..., :L], q_lat) < TOLERANCE
     assert relative_max_diff(q_HBk[..., L:], q_pe) < TOLERANCE
+    # With the new token's latent row written to a static cache by the same launch: latent_norm_rope's slot.
+    cache_c, cache_k = torch.zeros(B, 5, L), torch.zeros(B, 5, R)
+    kernels.latent_norm_rope(projected[:, :1], q_norm.weight, kv_norm.weight, 1e-6, cos[:B], sin[:B],
+                             cache=(cache_c, cache_k, torch.tensor(3)))
+    fused_c, fused_k = torch.zeros(B, 5, L), torch.zeros(B, 5, R)
+    latent = (projected[:, 0, Q:], kv_norm.weight, 1e-6, (fused_c, fused_k, torch.tensor(3)))
+    assert torch.equal(kernels.absorb_query(q, w_kv_b, cos[:B], sin[:B], N, latent=latent), q_HBk)
+    assert torch.equal(fused_c, cache_c) and torch.equal(fused_k, cache_k) and cache_c[:, 3].any()
     q_rope = q.clone()
     kernels.rotate_pairs_(q_rope[..., N:], None, cos[:B], sin[:B])
     assert relative_max_diff(q_rope[..., N:], q_pe.transpose(0, 1)) < TOLERANCE
@@ -194,6 +202,9 @@ def check_decode_experts_with_shared_parts():
             separate = kernels.linear_pair(kernels.rms_norm(x, norm.weight, norm.variance_epsilon), w1, w2, tile=tile)
             assert torch.equal(fused, separate)
 
+    check_absorbed_attention()
+    check_noaux_topk()
+
     T, K, E, I, D = 3, 4, 8, 48, 64
     for S in (1, 2):
         x = torch.randn(T, D)
@@ -216,6 +227,65 @@ def check_decode_experts_with_shared_parts():
         shared = (torch.nn.functional.silu(x @ shared_gate.T) * (x @ shared_up.T)) @ shared_down.T
         assert y.shape == (T * (K + S), D)
         assert relative_max_diff(out, residual + (routed + shared)) < TOLERANCE
+
+
+def check_absorbed_attention():
+    """The split attention over the latent cache, its combine, and the combine folded into W_UV, for one split and
+    several of several key blocks, with a padding bias; with `advance_length` (a static cache's new slot at the
+    length, patched into the split's first block after the PDL wait) the length advances by one."""
+    torch.manual_seed(0)
+    B, H, S, L, R, N, V = 2, 4, 70, 32, 16, 8, 8
+    q_lat, q_pe = torch.randn(H, B, L), torch.randn(H, B, R)
+    c_kv, k_pe = torch.randn(B, S, L), torch.randn(B, S, R)
+    bias = torch.zeros(B, S)
+    bias[0, 50:] = float("-inf")  # unwritten slots
+    bias[1, :7] = float("-inf")  # left padding
+    w_kv_b = torch.randn(H * (N + V), L) * 0.2
+    scores = (torch.einsum("hbl,bsl->bhs", q_lat, c_kv) + torch.einsum("hbr,bsr->bhs", q_pe, k_pe)) * 0.3 + bias[:, None]
+    o_lat = torch.einsum("bhs,bsl->hbl", scores.softmax(-1), c_kv)
+    values = torch.einsum("hbl,hvl->bhv", o_lat, w_kv_b.view(H, N + V, L)[:, N:]).reshape(B, H * V)
+    for config in ({"block_s": 16, "programs": 1}, {"block_s": 16, "programs": 6}, {"block_s": 16, "programs": 64},
+                   {"block_s": 32, "programs": 2, "fold_splits": 8, "values_block": 4}):
+        for fresh_slot in (None, 0, 33, 69):
+            length = torch.tensor(fresh_slot) if fresh_slot is not None else None
+            out = kernels.absorbed_decode_attention(q_lat, q_pe, c_kv, k_pe, bias, 0.3, advance_length=length,
+                                                    config=config)
+            assert relative_max_diff(out, o_lat) < TOLERANCE, config
+            length = torch.tensor(fresh_slot) if fresh_slot is not None else None
+            out = kernels.absorbed_decode_attention(q_lat, q_pe, c_kv, k_pe, bias, 0.3, w_kv_b, N,
+                                                    advance_length=length, config=config)
+            assert relative_max_diff(out, values) < TOLERANCE, config
+            assert length is None or int(length) == fresh_slot + 1
+
+
+def topk_reference(scores, bias, n_group, topk_group, top_k, scale):
+    """noaux_tc selection in torch, ties to the lower id (stable descending sorts)."""
+    T, E = scores.shape
+    choice = scores + bias
+    if n_group > 1:
+        group_scores = choice.view(T, n_group, -1).topk(2, dim=-1).values.sum(-1)
+        best = torch.sort(group_scores, dim=-1, descending=True, stable=True).indices[:, :topk_group]
+        keep = torch.zeros(T, n_group, dtype=torch.bool).scatter_(1, best, True)
+        choice = choice.view(T, n_group, -1).masked_fill(~keep[..., None], float("-inf")).view(T, E)
+    idx = torch.sort(choice, dim=-1, descending=True, stable=True).indices[:, :top_k]
+    weight = scores.gather(1, idx)
+    return idx, weight / (weight.sum(-1, keepdim=True) + 1e-20) * scale
+
+
+def check_noaux_topk():
+    """The router's top-k (ranks, in chunks of 64 experts past 64) against torch's stable sorts: V3-Lite's and V3's
+    shapes, no groups, and scores with many ties (ties go to the lower id, for groups and experts alike)."""
+    torch.manual_seed(0)
+    for E, n_group, topk_group, top_k in ((16, 4, 2, 4), (64, 8, 4, 6), (256, 8, 4, 8), (64, 1, 1, 6)):
+        for tied in (False, True):
+            scores = torch.rand(3, E)
+            bias = torch.randn(E) * 0.05
+            if tied:
+                scores, bias = (scores * 4).round() / 4, torch.zeros(E)
+            idx, weight = kernels.noaux_topk(scores, bias, n_group, topk_group, top_k, True, 2.5)
+            idx_ref, weight_ref = topk_reference(scores, bias, n_group, topk_group, top_k, 2.5)
+            assert torch.equal(idx, idx_ref), (E, n_group, tied, idx, idx_ref)
+            assert relative_max_diff(weight, weight_ref) < TOLERANCE
 
 
 if __name__ == "__main__":

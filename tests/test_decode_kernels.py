@@ -108,8 +108,13 @@ def test_triton_kernels_compile_for_hopper_without_a_gpu(monkeypatch):
     decode_kernels.latent_norm_rope(t(1, 1, 2112), t(1536), t(512), 1e-6, angle, angle,
                                     cache=(t(1, 100, 512), t(1, 100, 64), torch.tensor(3)))
     q = decode_kernels.absorb_query(t(1, 16, 192), t(16 * 256, 512), angle, angle, 128)
+    decode_kernels.absorb_query(t(1, 16, 192), t(16 * 256, 512), angle, angle, 128,  # + the new latent row
+                                latent=(t(1, 576), t(512), 1e-6, (t(1, 100, 512), t(1, 100, 64), torch.tensor(3))))
     decode_kernels.absorbed_decode_attention(q[..., :512], q[..., 512:], t(1, 1025, 512), t(1, 1025, 64), t(1, 1025),
-                                             0.1, t(16 * 256, 512), 128, advance_length=torch.tensor(3))
+                                             0.1, t(16 * 256, 512), 128, advance_length=torch.tensor(3),
+                                             config={"fold_splits": 0})  # the combine, then W_UV
+    decode_kernels.absorbed_decode_attention(q[..., :512], q[..., 512:], t(1, 1025, 512), t(1, 1025, 64), None, 0.1,
+                                             t(16 * 256, 512), 128, config={"fold_splits": 64})  # combine in W_UV
     decode_kernels.moe_combine(torch.randn(6, 2048), torch.rand(1, 6), t(1, 2048), t(1, 2048))
     decode_kernels.argmax_rows(t(2, 129280))
     experts = torch.arange(6)
@@ -129,7 +134,7 @@ def test_triton_kernels_compile_for_hopper_without_a_gpu(monkeypatch):
     y = t(48, 2048).requires_grad_()  # the grouped experts' combine, both ways
     moe_kernels.combine_sorted_pairs(y, torch.randperm(48).view(8, 6), torch.rand(8, 6).requires_grad_()).backward(
         torch.randn(8, 2048))
-    assert len(compiled) == 23, sorted(compiled)
+    assert len(compiled) == 24, sorted(compiled)
 
 
 def test_triton_kernels_equal_the_eager_ops_in_the_triton_interpreter():

@@ -447,10 +447,15 @@ def test_decode_kernels_equal_their_eager_references(dtype, tolerance):
             # Against the reference's chain (einsum, bmm, softmax, bmm, einsum), rounded to bf16 at other points.
             attention_tolerance = 2 * tolerance
             assert relative_max_diff(unfused, reference[:, :, 0]) < attention_tolerance
-            fused = kernels.absorbed_decode_attention(q_HBk[..., :512], q_HBk[..., 512:], c_kv, k_pe, bias_BS,
-                                                      attention.scaling, w_kv_b, 128)
-            assert fused.shape == (B, 20 * 128)
-            assert relative_max_diff(fused.view(B, 20, 128), reference[:, :, 0]) < attention_tolerance
+            # W_UV after the combine, and inside it (few splits); with a static cache's length (the fresh slot read
+            # after the wait), which advances by one.
+            for config in (None, {"programs": 16, "fold_splits": 16}, {"programs": 64, "fold_splits": 64}):
+                length = torch.tensor(150, device="cuda")
+                fused = kernels.absorbed_decode_attention(q_HBk[..., :512], q_HBk[..., 512:], c_kv, k_pe, bias_BS,
+                                                          attention.scaling, w_kv_b, 128, advance_length=length,
+                                                          config=config)
+                assert fused.shape == (B, 20 * 128) and int(length) == 151
+                assert relative_max_diff(fused.view(B, 20, 128), reference[:, :, 0]) < attention_tolerance
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
