@@ -63,7 +63,7 @@ VARIANTS = {  # name -> a context manager that applies the variant
     "h100-tiles": h100_tiles,
     "torch-argmax": lambda: patched(modeling, argmax_rows=lambda logits: logits.float().argmax(dim=-1)),
     "separate-input-norm": lambda: patched(modeling.DeepseekV3Attention, fuses_input_norm=lambda *args: False),
-    "separate-combine": lambda: attention_config(fold_splits=0),
+    "separate-combine": lambda: attention_config(fold_partials=0),
     "keys-after-wait": lambda: attention_config(early_keys=False),
     "down-tile-256": lambda: patched(moe_kernels, DOWN_TILE=(8, 256, 4)),
     "separate-latent-norm": lambda: patched(modeling.DeepseekV3Attention, _writes_latent_in_absorb=lambda *a: False),

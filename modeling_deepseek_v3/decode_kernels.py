@@ -738,14 +738,14 @@ def rotate_pairs_(
 
 # The split-key attention: keys per block, warps, pipeline stages of the split kernel; programs to aim for (B * head
 # blocks * splits) and the most splits (each writes a float32 partial [H, L] that the combine reads back); up to
-# `fold_splits` splits, the combine runs inside the W_UV kernel (each of its programs combines its head's partials)
-# instead of a launch of its own; `values_block`: W_UV rows per program; `early_keys`: on a static cache, the split
+# `fold_partials` partials a head (batch x splits), the combine runs inside the W_UV kernel (each of its programs
+# combines its head's partials, re-reading them: at batch 32 that cost 0.4 ms a step) instead of a launch of its own; `values_block`: W_UV rows per program; `early_keys`: on a static cache, the split
 # kernel reads its first block of keys before the PDL wait. From a sweep on one H100 (benchmarks/tune_decode_kernels.py
 # --only attention, V3-Lite, batch 1): 6.4-6.9 us a layer at 1k keys for every setting; at 32k keys 24.7 us with up
 # to 256 splits against 28.3 us with 128. In the captured step on an H200 (benchmarks/ab_decode_step.py, 1k keys):
 # the combine inside W_UV saves 0.018-0.026 ms a step, the early keys 0.036 (0.047 at 32k); fewer programs (16-32)
 # or other key blocks were slower.
-ATTENTION_CONFIG = {"block_s": 32, "warps": 4, "stages": 3, "programs": 264, "max_splits": 256, "fold_splits": 64,
+ATTENTION_CONFIG = {"block_s": 32, "warps": 4, "stages": 3, "programs": 264, "max_splits": 256, "fold_partials": 64,
                     "values_block": 8, "early_keys": True}
 
 
@@ -762,7 +762,7 @@ def absorbed_decode_attention(
     masked (-inf) gives zeros.
 
     With `w_kv_b` (kv_b_proj's weight [H * (N + V), L], N = `nope_dim`) W_UV (rows N..N+V of each head's block) is
-    applied to o_lat: -> o [B, H * V], the heads' values side by side as o_proj reads them (with few splits, the
+    applied to o_lat: -> o [B, H * V], the heads' values side by side as o_proj reads them (with few partials, the
     combine and W_UV are one launch).
 
     `advance_length` is a static cache layer's device-side length, 0-dim int64, for the step that wrote the new
@@ -815,7 +815,7 @@ def absorbed_decode_attention(
             raise ValueError(f"absorbed_decode_attention: w_kv_b {tuple(w_kv_b.shape)} is not [H * (N + V), {L}]")
         values = torch.empty(B, H * V, dtype=q_lat_HBl.dtype, device=q_lat_HBl.device)
         block_v = config["values_block"]  # one pass over L per program: no loop-carried load latency
-        if splits <= config["fold_splits"]:
+        if B * splits <= config["fold_partials"]:
             _combine_head_values_kernel[(B, H, triton.cdiv(V, block_v))](
                 acc, running[0], running[1], w_kv_b, values, length_arg, L, nope_dim, V, splits,
                 acc.stride(0), acc.stride(1), acc.stride(2), running.stride(1), running.stride(2), w_kv_b.stride(0),

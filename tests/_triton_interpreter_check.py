@@ -245,7 +245,7 @@ def check_absorbed_attention():
     o_lat = torch.einsum("bhs,bsl->hbl", scores.softmax(-1), c_kv)
     values = torch.einsum("hbl,hvl->bhv", o_lat, w_kv_b.view(H, N + V, L)[:, N:]).reshape(B, H * V)
     for config in ({"block_s": 16, "programs": 1}, {"block_s": 16, "programs": 6}, {"block_s": 16, "programs": 64},
-                   {"block_s": 32, "programs": 2, "fold_splits": 8, "values_block": 4}):
+                   {"block_s": 32, "programs": 2, "fold_partials": 8, "values_block": 4}):
         for fresh_slot in (None, 0, 33, 69):
             length = torch.tensor(fresh_slot) if fresh_slot is not None else None
             out = kernels.absorbed_decode_attention(q_lat, q_pe, c_kv, k_pe, bias, 0.3, advance_length=length,

@@ -112,9 +112,9 @@ def test_triton_kernels_compile_for_hopper_without_a_gpu(monkeypatch):
                                 latent=(t(1, 576), t(512), 1e-6, (t(1, 100, 512), t(1, 100, 64), torch.tensor(3))))
     decode_kernels.absorbed_decode_attention(q[..., :512], q[..., 512:], t(1, 1025, 512), t(1, 1025, 64), t(1, 1025),
                                              0.1, t(16 * 256, 512), 128, advance_length=torch.tensor(3),
-                                             config={"fold_splits": 0})  # the combine, then W_UV
+                                             config={"fold_partials": 0})  # the combine, then W_UV
     decode_kernels.absorbed_decode_attention(q[..., :512], q[..., 512:], t(1, 1025, 512), t(1, 1025, 64), None, 0.1,
-                                             t(16 * 256, 512), 128, config={"fold_splits": 64})  # combine in W_UV
+                                             t(16 * 256, 512), 128, config={"fold_partials": 64})  # combine in W_UV
     decode_kernels.moe_combine(torch.randn(6, 2048), torch.rand(1, 6), t(1, 2048), t(1, 2048))
     decode_kernels.argmax_rows(t(2, 129280))
     experts = torch.arange(6)

@@ -449,7 +449,7 @@ def test_decode_kernels_equal_their_eager_references(dtype, tolerance):
             assert relative_max_diff(unfused, reference[:, :, 0]) < attention_tolerance
             # W_UV after the combine, and inside it (few splits); with a static cache's length (the fresh slot read
             # after the wait), which advances by one.
-            for config in (None, {"programs": 16, "fold_splits": 16}, {"programs": 64, "fold_splits": 64}):
+            for config in (None, {"programs": 16, "fold_partials": 16}, {"programs": 64, "fold_partials": 64}):
                 length = torch.tensor(150, device="cuda")
                 fused = kernels.absorbed_decode_attention(q_HBk[..., :512], q_HBk[..., 512:], c_kv, k_pe, bias_BS,
                                                           attention.scaling, w_kv_b, 128, advance_length=length,
