@@ -2,10 +2,19 @@
 replay of the captured CUDA graph of the same step, for a preset on one GPU.
 
     python benchmarks/profile_decode.py --preset deepseek-v3-lite --context 1024 --batch 1
+
+With `--timeline`: the kernels of replays of the captured greedy step instead (`DecodeGraph`, as generate() runs
+it). With programmatic dependent launch the kernels overlap, so their durations do not add up to the step; each
+kernel's share of the step is how far it moves the latest end of the kernels before it (its critical-path
+increment), summed per kernel name over the profiled replays.
+
+    python benchmarks/profile_decode.py --preset deepseek-v3-lite --context 1024 --timeline
 """
 
 import argparse
+import collections
 import json
+import tempfile
 from pathlib import Path
 
 import torch
@@ -13,6 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import StaticCache
 
 from modeling_deepseek_v3 import DeepseekV3Config, DeepseekV3ForCausalLM
+from modeling_deepseek_v3.modeling_deepseek_v3 import DecodeGraph
 
 PRESETS = Path(__file__).resolve().parent.parent / "configuration"
 
@@ -24,11 +34,15 @@ def main():
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--top", type=int, default=20)
+    parser.add_argument("--timeline", action="store_true", help="the captured greedy step's critical path instead")
+    parser.add_argument("--replays", type=int, default=3, help="replays profiled with --timeline")
     args = parser.parse_args()
     config = DeepseekV3Config(**json.loads((PRESETS / f"{args.preset}.json").read_text()))
     with torch.device("cuda"):
         model = DeepseekV3ForCausalLM._from_config(config, dtype=torch.bfloat16).eval()
     B, C = args.batch, args.context
+    if args.timeline:
+        return graph_timeline(model, config, B, C, args.replays, args.top)
     cache = StaticCache(config=config, max_cache_len=C + 64)
     mask = torch.ones(B, C, dtype=torch.long, device="cuda")
     ids = torch.randint(2, config.vocab_size, (B, C), device="cuda")
@@ -63,6 +77,50 @@ def main():
     end.record()
     end.synchronize()
     print(f"graph step (replay + input copies + argmax): {start.elapsed_time(end) / 20:.2f} ms")
+
+
+@torch.no_grad()
+def graph_timeline(model, config, B: int, C: int, replays: int, top: int) -> None:
+    cache = StaticCache(config=config, max_cache_len=C + 64)
+    ids = torch.randint(2, config.vocab_size, (B, C), device="cuda")
+    logits = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    graph = DecodeGraph(model, cache, B, greedy_eos=())
+    graph.start(torch.ones(B, C, dtype=torch.long, device="cuda"))
+    graph.start_greedy(torch.cat([ids, logits[:, -1:].argmax(-1)], dim=1), torch.ones(B, dtype=torch.long, device="cuda"),
+                       None)
+    for _ in range(5):
+        graph._run()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        graph._run()
+    end.record()
+    end.synchronize()
+    print(f"captured greedy step, batch {B}, context {C}: {start.elapsed_time(end) / 20:.3f} ms a replay (no profiler)")
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph._run()
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as folder:
+        trace = Path(folder) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        kernels = [e for e in json.loads(trace.read_text())["traceEvents"] if e.get("cat") == "kernel"]
+    kernels.sort(key=lambda e: e["ts"])
+    span = max(e["ts"] + e["dur"] for e in kernels) - kernels[0]["ts"]
+    share, duration, calls = collections.defaultdict(float), collections.defaultdict(float), collections.Counter()
+    latest_end = kernels[0]["ts"]
+    for event in kernels:
+        name = event["name"][:60]
+        share[name] += max(0.0, event["ts"] + event["dur"] - latest_end)
+        duration[name] += event["dur"]
+        calls[name] += 1
+        latest_end = max(latest_end, event["ts"] + event["dur"])
+    print(f"{replays} replays under the profiler: {span / replays:.1f} us a replay, {len(kernels) // replays} kernels")
+    print(f"{'kernel':60s} {'calls':>6s} {'us a call':>10s} {'share/call':>10s} {'share/step':>10s}")
+    for name in sorted(share, key=lambda n: -share[n])[:top]:
+        print(f"{name:60s} {calls[name] // replays:6d} {duration[name] / calls[name]:10.2f} "
+              f"{share[name] / calls[name]:10.2f} {share[name] / replays:10.1f}")
 
 
 if __name__ == "__main__":

@@ -766,10 +766,12 @@ def absorbed_decode_attention(
     combine and W_UV are one launch).
 
     `advance_length` is a static cache layer's device-side length, 0-dim int64, for the step that wrote the new
-    token at slot `length` (`latent_norm_rope` with this cache): it is advanced by one once the keys are read,
-    inside the combine (what `StaticLayer.update` does after its copies, without a launch of its own). It also tells
-    the split kernel that every other slot was written before this forward's kernels, so it reads its first keys
-    while the previous kernels run (USE_PDL) and only the new slot after them."""
+    token at slot `length` (`latent_norm_rope` with this cache, or `absorb_query` with `latent`): it is advanced by
+    one once the keys are read, inside the combine (what `StaticLayer.update` does after its copies, without a
+    launch of its own). It also tells the split kernel that every other slot was written before this forward's
+    kernels, so it reads its first keys while the previous kernels run (USE_PDL) and only the new slot after them:
+    a forward begins with kernels launched without PDL (the embedding lookup), which start only once all earlier
+    work on the stream is done."""
     H, B, L = q_lat_HBl.shape
     S, R = c_kv_BSl.shape[1], k_pe_BSr.shape[-1]
     config = {**ATTENTION_CONFIG, **(config or {})}
