@@ -32,7 +32,8 @@ one or two launches, with the same float32 math as the eager reference in `model
 
 A MoE decoder layer's decode step on a static cache is then 12 launches (attention 6 with its input norm: q_a/kv_a,
 q_b, absorbed query, split, combine with W_UV, o_proj; MoE 6 with the post-attention norm and the experts of
-`moe_kernels.py`) instead of ~110, chained by programmatic dependent launch on Hopper (`USE_PDL`). The tiles come from `benchmarks/tune_decode_kernels.py`; `tests/test_decode_kernels.py`
+`moe_kernels.py`) instead of ~110, chained by programmatic dependent launch on Hopper (`USE_PDL`). The tiles come
+from `benchmarks/tune_decode_kernels.py` and `benchmarks/ab_decode_step.py`; `tests/test_decode_kernels.py`
 compiles every kernel for Hopper and runs the loop-free ones in Triton's interpreter without a GPU (from Triton 3.9
 on also the experts' kernels and `linear_pair` with the norm), `tests/test_gpu.py` holds them equal to the eager
 path on a GPU.
@@ -738,13 +739,14 @@ def rotate_pairs_(
 
 # The split-key attention: keys per block, warps, pipeline stages of the split kernel; programs to aim for (B * head
 # blocks * splits) and the most splits (each writes a float32 partial [H, L] that the combine reads back); up to
-# `fold_partials` partials a head (batch x splits), the combine runs inside the W_UV kernel (each of its programs
-# combines its head's partials, re-reading them: at batch 32 that cost 0.4 ms a step) instead of a launch of its own; `values_block`: W_UV rows per program; `early_keys`: on a static cache, the split
-# kernel reads its first block of keys before the PDL wait. From a sweep on one H100 (benchmarks/tune_decode_kernels.py
-# --only attention, V3-Lite, batch 1): 6.4-6.9 us a layer at 1k keys for every setting; at 32k keys 24.7 us with up
-# to 256 splits against 28.3 us with 128. In the captured step on an H200 (benchmarks/ab_decode_step.py, 1k keys):
-# the combine inside W_UV saves 0.018-0.026 ms a step, the early keys 0.036 (0.047 at 32k); fewer programs (16-32)
-# or other key blocks were slower.
+# `fold_partials` partials a head (batch x splits), the combine runs inside the W_UV kernel instead of a launch of
+# its own (each of its programs combines its head's partials, re-reading them: at batch 32 that cost 0.4 ms a
+# step); `values_block`: W_UV rows per program; `early_keys`: on a static cache, the split kernel reads its first
+# block of keys before the PDL wait. From a sweep on one H100 (benchmarks/tune_decode_kernels.py --only attention,
+# V3-Lite, batch 1): 6.4-6.9 us a layer at 1k keys for every setting; at 32k keys 24.7 us with up to 256 splits
+# against 28.3 us with 128. In the captured step on an H200 (benchmarks/ab_decode_step.py, 1k keys): the combine
+# inside W_UV saves 0.018-0.026 ms a step, the early keys 0.036 (0.047 at 32k); fewer programs (16-32) or other key
+# blocks were slower.
 ATTENTION_CONFIG = {"block_s": 32, "warps": 4, "stages": 3, "programs": 264, "max_splits": 256, "fold_partials": 64,
                     "values_block": 8, "early_keys": True}
 
