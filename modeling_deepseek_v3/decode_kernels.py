@@ -381,6 +381,25 @@ if triton is not None:
         tl.store(sum_ptr + b * stride_mb + head * stride_mh + split, running_sum, mask=head_mask)
 
     @triton.jit
+    def _advance_length(length_ptr):
+        # The cache's new slot is written (an earlier kernel) and read (the split kernel): advance its length, once.
+        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0) & (tl.program_id(2) == 0):
+            tl.store(length_ptr, tl.load(length_ptr) + 1)
+
+    @triton.jit
+    def _combine_splits(acc_row, max_row, sum_row, lat, L, SPLITS, stride_as, BLOCK_SPLITS: tl.constexpr):
+        # One (sequence, head)'s SPLITS float32 partials of the split kernel (acc_row [SPLITS, L] at stride_as, their
+        # running max / sum at max_row / sum_row) combined at the latent columns `lat` -> float32 o_lat.
+        split = tl.arange(0, BLOCK_SPLITS)
+        split_max = tl.load(max_row + split, mask=split < SPLITS, other=-1e30)
+        split_sum = tl.load(sum_row + split, mask=split < SPLITS, other=0.0)
+        weight = tl.exp(split_max - tl.max(split_max, axis=0))  # [SPLITS], 0 for the padding
+        total = tl.sum(weight * split_sum, axis=0)
+        acc = tl.load(acc_row + split[:, None] * stride_as + lat[None, :],
+                      mask=(split[:, None] < SPLITS) & (lat[None, :] < L), other=0.0)
+        return tl.sum(acc * weight[:, None], axis=0) / tl.where(total > 0, total, 1.0)
+
+    @triton.jit
     def _absorbed_attention_combine_kernel(
         acc_ptr, max_ptr, sum_ptr, out_ptr, length_ptr, L, SPLITS,
         stride_ab, stride_ah, stride_as, stride_mb, stride_mh, stride_oh, stride_ob,
@@ -389,21 +408,13 @@ if triton is not None:
         if PDL:
             gdc_launch_dependents()
             gdc_wait()
-        if ADVANCE:  # the cache's new slot is written (an earlier kernel) and read (the split kernel): advance
-            if (tl.program_id(0) == 0) & (tl.program_id(1) == 0) & (tl.program_id(2) == 0):
-                tl.store(length_ptr, tl.load(length_ptr) + 1)
+        if ADVANCE:
+            _advance_length(length_ptr)
         b = tl.program_id(0).to(tl.int64)
         head = tl.program_id(1).to(tl.int64)
         lat = tl.program_id(2) * BLOCK_L + tl.arange(0, BLOCK_L)
-        split = tl.arange(0, BLOCK_SPLITS)
-        stats = b * stride_mb + head * stride_mh
-        split_max = tl.load(max_ptr + stats + split, mask=split < SPLITS, other=-1e30)
-        split_sum = tl.load(sum_ptr + stats + split, mask=split < SPLITS, other=0.0)
-        weight = tl.exp(split_max - tl.max(split_max, axis=0))  # [SPLITS], 0 for the padding
-        total = tl.sum(weight * split_sum, axis=0)
-        acc = tl.load(acc_ptr + b * stride_ab + head * stride_ah + split[:, None] * stride_as + lat[None, :],
-                      mask=(split[:, None] < SPLITS) & (lat[None, :] < L), other=0.0)
-        out = tl.sum(acc * weight[:, None], axis=0) / tl.where(total > 0, total, 1.0)
+        out = _combine_splits(acc_ptr + b * stride_ab + head * stride_ah, max_ptr + b * stride_mb + head * stride_mh,
+                              sum_ptr + b * stride_mb + head * stride_mh, lat, L, SPLITS, stride_as, BLOCK_SPLITS)
         tl.store(out_ptr + head * stride_oh + b * stride_ob + lat, out.to(out_ptr.dtype.element_ty), mask=lat < L)
 
     @triton.jit
@@ -545,7 +556,9 @@ if triton is not None:
     @triton.jit
     def _head_values_kernel(
         o_lat_ptr, w_ptr, out_ptr, L, N, V, stride_oh, stride_ob, stride_w, stride_out,
-        ROWS_PER_HEAD: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_L: tl.constexpr, PDL: tl.constexpr,
+        max_ptr, sum_ptr, length_ptr, SPLITS, stride_as, stride_mb, stride_mh,
+        COMBINE: tl.constexpr, ADVANCE: tl.constexpr, ROWS_PER_HEAD: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
+        BLOCK_V: tl.constexpr, BLOCK_L: tl.constexpr, PDL: tl.constexpr,
     ):
         if PDL:
             gdc_launch_dependents()
@@ -558,44 +571,17 @@ if triton is not None:
                     mask=(v[:, None] < V) & (lat[None, :] < L), other=0.0)
         if PDL:
             gdc_wait()
-        o_lat = tl.load(o_lat_ptr + head * stride_oh + b * stride_ob + lat, mask=lat < L, other=0.0).to(tl.float32)
-        out = tl.sum(w.to(tl.float32) * o_lat[None, :], axis=1)
-        tl.store(out_ptr + b * stride_out + head * V + v, out.to(out_ptr.dtype.element_ty), mask=v < V)
-
-    @triton.jit
-    def _combine_head_values_kernel(
-        acc_ptr, max_ptr, sum_ptr, w_ptr, out_ptr, length_ptr, L, N, V, SPLITS,
-        stride_ab, stride_ah, stride_as, stride_mb, stride_mh, stride_w, stride_out,
-        ADVANCE: tl.constexpr, ROWS_PER_HEAD: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_V: tl.constexpr,
-        BLOCK_L: tl.constexpr, PDL: tl.constexpr,
-    ):
-        # The combine of the split kernel's partials and W_UV in one launch, for few splits: each program combines
-        # its head's partials itself (an L2 read of SPLITS rows), with the math of _absorbed_attention_combine_kernel
-        # (o_lat rounded to the values' dtype, as that kernel writes it), then applies its BLOCK_V rows of W_UV as
-        # _head_values_kernel does.
-        if PDL:
-            gdc_launch_dependents()
-        b = tl.program_id(0).to(tl.int64)
-        head = tl.program_id(1).to(tl.int64)
-        v = tl.program_id(2) * BLOCK_V + tl.arange(0, BLOCK_V)
-        lat = tl.arange(0, BLOCK_L)
-        w = tl.load(w_ptr + (head * ROWS_PER_HEAD + N + v[:, None]) * stride_w + lat[None, :],
-                    mask=(v[:, None] < V) & (lat[None, :] < L), other=0.0)
-        if PDL:
-            gdc_wait()
-        if ADVANCE:  # as in the combine kernel
-            if (tl.program_id(0) == 0) & (tl.program_id(1) == 0) & (tl.program_id(2) == 0):
-                tl.store(length_ptr, tl.load(length_ptr) + 1)
-        split = tl.arange(0, BLOCK_SPLITS)
-        stats = b * stride_mb + head * stride_mh
-        split_max = tl.load(max_ptr + stats + split, mask=split < SPLITS, other=-1e30)
-        split_sum = tl.load(sum_ptr + stats + split, mask=split < SPLITS, other=0.0)
-        weight = tl.exp(split_max - tl.max(split_max, axis=0))
-        total = tl.sum(weight * split_sum, axis=0)
-        acc = tl.load(acc_ptr + b * stride_ab + head * stride_ah + split[:, None] * stride_as + lat[None, :],
-                      mask=(split[:, None] < SPLITS) & (lat[None, :] < L), other=0.0)
-        o_lat = tl.sum(acc * weight[:, None], axis=0) / tl.where(total > 0, total, 1.0)
-        o_lat = o_lat.to(out_ptr.dtype.element_ty).to(tl.float32)
+        if COMBINE:
+            # For few splits, the combine in this launch: each program combines its head's partials itself (o_lat_ptr
+            # is the split kernel's acc), rounded to the values' dtype as _absorbed_attention_combine_kernel writes it.
+            if ADVANCE:
+                _advance_length(length_ptr)
+            o_lat = _combine_splits(o_lat_ptr + b * stride_ob + head * stride_oh,
+                                    max_ptr + b * stride_mb + head * stride_mh, sum_ptr + b * stride_mb + head * stride_mh,
+                                    lat, L, SPLITS, stride_as, BLOCK_SPLITS)
+            o_lat = o_lat.to(out_ptr.dtype.element_ty).to(tl.float32)
+        else:
+            o_lat = tl.load(o_lat_ptr + head * stride_oh + b * stride_ob + lat, mask=lat < L, other=0.0).to(tl.float32)
         out = tl.sum(w.to(tl.float32) * o_lat[None, :], axis=1)
         tl.store(out_ptr + b * stride_out + head * V + v, out.to(out_ptr.dtype.element_ty), mask=v < V)
 
@@ -819,12 +805,12 @@ def absorbed_decode_attention(
             raise ValueError(f"absorbed_decode_attention: w_kv_b {tuple(w_kv_b.shape)} is not [H * (N + V), {L}]")
         values = torch.empty(B, H * V, dtype=q_lat_HBl.dtype, device=q_lat_HBl.device)
         block_v = config["values_block"]  # one pass over L per program: no loop-carried load latency
-        if B * splits <= config["fold_partials"]:
-            _combine_head_values_kernel[(B, H, triton.cdiv(V, block_v))](
-                acc, running[0], running[1], w_kv_b, values, length_arg, L, nope_dim, V, splits,
-                acc.stride(0), acc.stride(1), acc.stride(2), running.stride(1), running.stride(2), w_kv_b.stride(0),
-                values.stride(0), ADVANCE=fresh, ROWS_PER_HEAD=rows_per_head, BLOCK_SPLITS=block_splits,
-                BLOCK_V=block_v, BLOCK_L=triton.next_power_of_2(L), **_launch_options(acc), num_warps=4,
+        if B * splits <= config["fold_partials"]:  # acc [B, H, splits, L] in place of o_lat [H, B, L]
+            _head_values_kernel[(B, H, triton.cdiv(V, block_v))](
+                acc, w_kv_b, values, L, nope_dim, V, acc.stride(1), acc.stride(0), w_kv_b.stride(0), values.stride(0),
+                running[0], running[1], length_arg, splits, acc.stride(2), running.stride(1), running.stride(2),
+                COMBINE=True, ADVANCE=fresh, ROWS_PER_HEAD=rows_per_head, BLOCK_SPLITS=block_splits, BLOCK_V=block_v,
+                BLOCK_L=triton.next_power_of_2(L), **_launch_options(acc), num_warps=4,
             )
             return values
     out = torch.empty(H, B, L, dtype=q_lat_HBl.dtype, device=q_lat_HBl.device)
@@ -839,8 +825,8 @@ def absorbed_decode_attention(
         return out
     _head_values_kernel[(B, H, triton.cdiv(V, block_v))](
         out, w_kv_b, values, L, nope_dim, V, out.stride(0), out.stride(1), w_kv_b.stride(0), values.stride(0),
-        ROWS_PER_HEAD=rows_per_head, BLOCK_V=block_v, BLOCK_L=triton.next_power_of_2(L),
-        **_launch_options(out), num_warps=4,
+        out, out, out, 1, 0, 0, 0, COMBINE=False, ADVANCE=False, ROWS_PER_HEAD=rows_per_head, BLOCK_SPLITS=1,
+        BLOCK_V=block_v, BLOCK_L=triton.next_power_of_2(L), **_launch_options(out), num_warps=4,
     )
     return values
 

@@ -134,7 +134,7 @@ def test_triton_kernels_compile_for_hopper_without_a_gpu(monkeypatch):
     y = t(48, 2048).requires_grad_()  # the grouped experts' combine, both ways
     moe_kernels.combine_sorted_pairs(y, torch.randperm(48).view(8, 6), torch.rand(8, 6).requires_grad_()).backward(
         torch.randn(8, 2048))
-    assert len(compiled) == 24, sorted(compiled)
+    assert len(compiled) == 23, sorted(compiled)
 
 
 def test_triton_kernels_equal_the_eager_ops_in_the_triton_interpreter():
