@@ -71,17 +71,22 @@ VARIANTS = {  # name -> a context manager that applies the variant
 
 
 @torch.no_grad()
-def step_ms(model, config, context: int, steps: int) -> tuple[float, torch.Tensor]:
-    """ms per replay of a freshly captured greedy decode step after a `context`-token prefill, and its tokens."""
-    cache = StaticCache(config=config, max_cache_len=context + steps + 16)
+def greedy_graph(model, config, context: int, slots: int, batch: int = 1) -> "modeling.DecodeGraph":
+    """A freshly captured greedy decode step (as generate() runs it) after a `context`-token prefill of random ids
+    (seed 0), batch rows, with `slots` cache slots left for the steps."""
+    cache = StaticCache(config=config, max_cache_len=context + slots)
     generator = torch.Generator(device="cuda").manual_seed(0)
-    ids = torch.randint(2, config.vocab_size, (1, context), device="cuda", generator=generator)
+    ids = torch.randint(2, config.vocab_size, (batch, context), device="cuda", generator=generator)
     logits = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-    graph = modeling.DecodeGraph(model, cache, 1, greedy_eos=())
-    graph.start(torch.ones(1, context, dtype=torch.long, device="cuda"))
+    graph = modeling.DecodeGraph(model, cache, batch, greedy_eos=())
+    graph.start(torch.ones(batch, context, dtype=torch.long, device="cuda"))
     graph.start_greedy(torch.cat([ids, logits[:, -1:].argmax(-1)], dim=1),
-                       torch.ones(1, dtype=torch.long, device="cuda"), None)
-    warmup = 5
+                       torch.ones(batch, dtype=torch.long, device="cuda"), None)
+    return graph
+
+
+def replay_ms(graph: "modeling.DecodeGraph", steps: int, warmup: int = 5) -> float:
+    """ms per replay of `graph` over `steps` replays after `warmup` untimed ones."""
     for _ in range(warmup):
         graph._run()
     torch.cuda.synchronize()
@@ -91,7 +96,15 @@ def step_ms(model, config, context: int, steps: int) -> tuple[float, torch.Tenso
         graph._run()
     end.record()
     end.synchronize()
-    return start.elapsed_time(end) / steps, graph.tokens[0, context + 1 : context + 1 + warmup + steps].clone()
+    return start.elapsed_time(end) / steps
+
+
+def step_ms(model, config, context: int, steps: int) -> tuple[float, torch.Tensor]:
+    """ms per replay of a freshly captured greedy decode step after a `context`-token prefill, and its tokens."""
+    warmup = 5
+    graph = greedy_graph(model, config, context, steps + 16)
+    ms = replay_ms(graph, steps, warmup)
+    return ms, graph.tokens[0, context + 1 : context + 1 + warmup + steps].clone()
 
 
 def main():

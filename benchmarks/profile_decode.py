@@ -22,7 +22,8 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import StaticCache
 
 from modeling_deepseek_v3 import DeepseekV3Config, DeepseekV3ForCausalLM
-from modeling_deepseek_v3.modeling_deepseek_v3 import DecodeGraph
+
+from ab_decode_step import greedy_graph, replay_ms  # (benchmarks/, the script's folder)
 
 PRESETS = Path(__file__).resolve().parent.parent / "configuration"
 
@@ -81,23 +82,9 @@ def main():
 
 @torch.no_grad()
 def graph_timeline(model, config, B: int, C: int, replays: int, top: int) -> None:
-    cache = StaticCache(config=config, max_cache_len=C + 64)
-    ids = torch.randint(2, config.vocab_size, (B, C), device="cuda")
-    logits = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-    graph = DecodeGraph(model, cache, B, greedy_eos=())
-    graph.start(torch.ones(B, C, dtype=torch.long, device="cuda"))
-    graph.start_greedy(torch.cat([ids, logits[:, -1:].argmax(-1)], dim=1), torch.ones(B, dtype=torch.long, device="cuda"),
-                       None)
-    for _ in range(5):
-        graph._run()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(20):
-        graph._run()
-    end.record()
-    end.synchronize()
-    print(f"captured greedy step, batch {B}, context {C}: {start.elapsed_time(end) / 20:.3f} ms a replay (no profiler)")
+    graph = greedy_graph(model, config, C, 64, batch=B)
+    ms = replay_ms(graph, 20)
+    print(f"captured greedy step, batch {B}, context {C}: {ms:.3f} ms a replay (no profiler)")
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(replays):
             graph._run()
