@@ -467,7 +467,7 @@ class DeepseekV3Attention(nn.Module):
             cache = (c_kv_BSl, k_pe_BSr, layer.cumulative_length)
             if absorbed and self._writes_latent_in_absorb(projected_BTk):
                 # q_a_layernorm inside q_b_proj's pass; the new latent row written to the cache by absorb_query.
-                Q = self.q_a_layernorm.weight.shape[0]
+                Q = self.q_lora_rank
                 q = linear_pair(projected_BTk[..., :Q], self.q_b_proj.weight, None,
                                 norm=(self.q_a_layernorm.weight, self.q_a_layernorm.variance_epsilon))
                 latent = (projected_BTk[:, 0, Q:], self.kv_a_layernorm.weight, self.kv_a_layernorm.variance_epsilon,
