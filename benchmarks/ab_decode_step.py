@@ -8,7 +8,13 @@ token of the random weights after some steps.
 
 - `current`: the package as it is;
 - `h100-tiles`: the matrix-vector and MoE tiles swept on an H100 (before the H200 sweep);
-- `torch-argmax`: the greedy token from torch's one-pass `argmax` of the float32 logits instead of `argmax_rows`;
+- `torch-argmax`: the greedy token from torch's one-pass `argmax` of the float32 logits instead of `argmax_rows`,
+  and the greedy bookkeeping in torch ops;
+- `greedy-in-torch`: the greedy bookkeeping (token appended, mask, position, next input) as torch ops after
+  `argmax_rows` instead of inside its second pass (`greedy_pick_`);
+- `torch-prologue`: the embedding, rotary angles and attention bias as torch ops instead of `decode_prologue`;
+- `separate-post-norm`: the MoE layer's residual add and post-attention norm as their own launch (`add_rms_norm`)
+  instead of inside the router's pass;
 - `separate-input-norm`: the layer's input RMSNorm as its own launch instead of inside the q_a/kv_a kernel;
 - `separate-combine`: the attention's combine as its own launch before W_UV instead of inside it;
 - `keys-after-wait`: the attention split kernel reads its first keys after the previous kernel instead of before;
@@ -61,7 +67,11 @@ def attention_config(**values):
 VARIANTS = {  # name -> a context manager that applies the variant
     "current": contextlib.nullcontext,
     "h100-tiles": h100_tiles,
-    "torch-argmax": lambda: patched(modeling, argmax_rows=lambda logits: logits.float().argmax(dim=-1)),
+    "torch-argmax": lambda: patched(modeling, argmax_rows=lambda logits: logits.float().argmax(dim=-1),
+                                    GREEDY_MAX_ROWS=0),
+    "greedy-in-torch": lambda: patched(modeling, GREEDY_MAX_ROWS=0),
+    "torch-prologue": lambda: patched(modeling.DeepseekV3Model, _decode_prologue=lambda *args: None),
+    "separate-post-norm": lambda: patched(modeling.DeepseekV3MoE, routes_after_add_norm=lambda *args: False),
     "separate-input-norm": lambda: patched(modeling.DeepseekV3Attention, fuses_input_norm=lambda *args: False),
     "separate-combine": lambda: attention_config(fold_partials=0),
     "keys-after-wait": lambda: attention_config(early_keys=False),

@@ -158,10 +158,74 @@ if triton is not None:
         tl.store(out_ptr + row, tl.load(arg_ptr + row * CHUNKS + best))
 
     @triton.jit
+    def _decode_prologue_kernel(
+        ids_ptr, embed_ptr, embeds_ptr, position_ptr, inv_freq_ptr, cos_ptr, sin_ptr, mask_ptr, length_ptr, bias_ptr,
+        D, S, stride_e, stride_mb, scaling, min_value,
+        HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_S: tl.constexpr,
+    ):
+        # Launched without PDL: it starts a forward, after everything before it on the stream (see
+        # absorbed_decode_attention's early keys).
+        b = tl.program_id(0).to(tl.int64)
+        block = tl.program_id(1)
+        if block == 0:
+            cols = tl.arange(0, BLOCK_D)
+            token = tl.load(ids_ptr + b)
+            row = tl.load(embed_ptr + token * stride_e + cols, mask=cols < D, other=0.0)
+            tl.store(embeds_ptr + b * D + cols, row, mask=cols < D)
+            # The rotary angles in float32 (`DeepseekV3RotaryEmbedding`: position * inv_freq, cos and sin scaled).
+            i = tl.arange(0, BLOCK_HALF)
+            angle = tl.load(position_ptr + b).to(tl.float32) * tl.load(inv_freq_ptr + i, mask=i < HALF, other=0.0)
+            tl.store(cos_ptr + b * HALF + i, tl.cos(angle) * scaling, mask=i < HALF)
+            tl.store(sin_ptr + b * HALF + i, tl.sin(angle) * scaling, mask=i < HALF)
+        else:
+            # The bias over the cache slots (`build_attention_bias` of one new token at position `length`): 0 where
+            # the slot is at or before the new token and the padding mask holds a token, the minimum elsewhere.
+            slots = (block - 1) * BLOCK_S + tl.arange(0, BLOCK_S)
+            inside = slots < S
+            padding = tl.load(mask_ptr + b * stride_mb + slots, mask=inside, other=0)
+            keep = (slots <= tl.load(length_ptr)) & (padding != 0)
+            bias = tl.where(keep, 0.0, min_value)
+            tl.store(bias_ptr + b * S + slots, bias.to(bias_ptr.dtype.element_ty), mask=inside)
+
+    @triton.jit
+    def _greedy_pick_kernel(
+        max_ptr, arg_ptr, tokens_ptr, column_ptr, mask_ptr, position_ptr, input_ptr, unfinished_ptr, pad_ptr,
+        eos_ptr, stopped_ptr, B, CHUNKS, E, S, stride_tb, stride_mb,
+        HAS_EOS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr,
+        PDL: tl.constexpr,
+    ):
+        # One program for all rows: `stopped` needs every row's state after this step.
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
+        rows = tl.arange(0, BLOCK_B)
+        chunks = tl.arange(0, BLOCK_C)
+        row_mask = rows < B
+        maxima = tl.load(max_ptr + rows[:, None] * CHUNKS + chunks[None, :],
+                         mask=row_mask[:, None] & (chunks[None, :] < CHUNKS), other=-float("inf"))
+        best = tl.argmax(maxima, axis=1, tie_break_left=True)
+        token = tl.load(arg_ptr + rows * CHUNKS + best, mask=row_mask, other=0)
+        if HAS_EOS:  # finished rows take the padding id; a row that produced an end-of-sequence id finishes
+            unfinished = tl.load(unfinished_ptr + rows, mask=row_mask, other=0)
+            token = token * unfinished + tl.load(pad_ptr) * (1 - unfinished)
+            ids = tl.arange(0, BLOCK_E)
+            eos = tl.load(eos_ptr + ids, mask=ids < E, other=-1)
+            ended = tl.max((token[:, None] == eos[None, :]).to(tl.int64), axis=1)
+            unfinished = unfinished * (1 - ended)
+            tl.store(unfinished_ptr + rows, unfinished, mask=row_mask)
+            tl.store(stopped_ptr, tl.max(unfinished, axis=0) == 0)
+        column = tl.load(column_ptr + rows, mask=row_mask, other=0) + 1
+        tl.store(column_ptr + rows, column, mask=row_mask)
+        tl.store(tokens_ptr + rows * stride_tb + column, token, mask=row_mask)
+        tl.store(mask_ptr + rows * stride_mb + tl.minimum(column, S - 1), 1, mask=row_mask)
+        tl.store(position_ptr + rows, tl.load(position_ptr + rows, mask=row_mask, other=0) + 1, mask=row_mask)
+        tl.store(input_ptr + rows, token, mask=row_mask)
+
+    @triton.jit
     def _linear_pair_kernel(
         x_ptr, w1_ptr, w2_ptr, norm_ptr, out_ptr, D, N1, N2,
-        stride_xt, stride_w1, stride_w2, stride_ot, eps,
-        SIGMOID: tl.constexpr, NORM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        stride_xt, stride_w1, stride_w2, stride_ot, eps, residual_ptr, total_ptr, normed_ptr, stride_rt,
+        SIGMOID: tl.constexpr, NORM: tl.constexpr, ADD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_X: tl.constexpr, PDL: tl.constexpr,
     ):
         if PDL:
@@ -195,9 +259,20 @@ if triton is not None:
                 dtype = x_ptr.dtype.element_ty
                 row = tl.arange(0, BLOCK_X)
                 x_row = tl.load(x_ptr + token * stride_xt + row, mask=row < D, other=0.0).to(tl.float32)
+                if ADD:  # of residual + x, rounded to the dtype first (`add_rms_norm`)
+                    r_row = tl.load(residual_ptr + token * stride_rt + row, mask=row < D, other=0.0).to(tl.float32)
+                    x_row = (x_row + r_row).to(dtype).to(tl.float32)
+                    r = tl.load(residual_ptr + token * stride_rt + cols, mask=col_mask, other=0.0).to(tl.float32)
+                    x = (x + r).to(dtype).to(tl.float32)
                 inv_rms = tl.rsqrt(tl.sum(x_row * x_row, axis=0) / D + eps)
                 weight = tl.load(norm_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
                 x = ((x * inv_rms).to(dtype).to(tl.float32) * weight).to(dtype).to(tl.float32)
+                if ADD:
+                    if (block == 0) & (start == 0):  # the token's first program writes the sum and the normed row
+                        weight_row = tl.load(norm_ptr + row, mask=row < D, other=0.0).to(tl.float32)
+                        normed = ((x_row * inv_rms).to(dtype).to(tl.float32) * weight_row).to(dtype)
+                        tl.store(total_ptr + token * D + row, x_row.to(dtype), mask=row < D)
+                        tl.store(normed_ptr + token * D + row, normed, mask=row < D)
             acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
         if SIGMOID:
             acc = 1.0 / (1.0 + tl.exp(-acc))
@@ -604,14 +679,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def linear_pair(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor | None, sigmoid: bool = False,
                 out_dtype: torch.dtype | None = None, tile: tuple[int, int, int] | None = None,
-                norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+                norm: tuple[torch.Tensor, float] | None = None, residual: torch.Tensor | None = None):
     """`x` [..., D] (at most MAX_GEMV_TOKENS rows), `w1` [N1, D], `w2` [N2, D] or None (then `x @ w1^T` alone) ->
     `[x @ w1^T | x @ w2^T]` [..., N1 + N2], accumulated in float32 and rounded once to `out_dtype` (default x's
     dtype); `sigmoid` applies the logistic function in float32 first. Reads each weight once per token. `tile`:
     (rows per program, columns per step, warps), default GEMV_TILE from GEMV_WIDE_ROWS output rows on, else
     NARROW_GEMV_TILE. `norm = (weight [D], eps)`: the products are of `rms_norm(x, weight, eps)` (each program
     normalizes the rows itself: one launch less than `rms_norm` first, with its math and roundings; the row's sum
-    of squares may be reduced in another order, which can move a normalized value by one bf16 rounding step)."""
+    of squares may be reduced in another order, which can move a normalized value by one bf16 rounding step).
+    With `norm` and `residual` [..., D] (x's shape and dtype): the products are of `rms_norm(residual + x)`, and
+    -> (products, residual + x, rms_norm(residual + x)), as `add_rms_norm` computes the last two (the first program
+    of each row writes them): the decoder layer's residual add and post-attention norm inside the router's pass."""
     D = x.shape[-1]
     x_2d = x.reshape(-1, D)
     if x_2d.stride(-1) != 1:
@@ -626,11 +704,23 @@ def linear_pair(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor | None, sigm
     out = torch.empty(*x.shape[:-1], n1 + n2, dtype=out_dtype or x.dtype, device=x.device)
     block_n, block_d, warps = tile or (GEMV_TILE if n1 + n2 >= GEMV_WIDE_ROWS else NARROW_GEMV_TILE)
     grid = (x_2d.shape[0], triton.cdiv(n1, block_n) + triton.cdiv(n2, block_n))
+    if residual is not None:
+        r_2d = residual.reshape(-1, D)
+        if norm is None or r_2d.shape != x_2d.shape or r_2d.dtype != x.dtype or r_2d.stride(-1) != 1:
+            raise ValueError(f"linear_pair: residual needs `norm` and x's shape {tuple(x.shape)} and dtype {x.dtype} "
+                             f"with a contiguous last dim; found {tuple(residual.shape)} {residual.dtype}")
+        total = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        normed = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    else:
+        r_2d, total, normed = x_2d, out, out
     _linear_pair_kernel[grid](
         x_2d, w1, w2, norm_weight, out, D, n1, n2, x_2d.stride(0), w1.stride(0), w2.stride(0), n1 + n2, float(eps),
-        SIGMOID=sigmoid, NORM=norm is not None, BLOCK_N=block_n, BLOCK_D=block_d,
+        r_2d, total, normed, r_2d.stride(0),
+        SIGMOID=sigmoid, NORM=norm is not None, ADD=residual is not None, BLOCK_N=block_n, BLOCK_D=block_d,
         BLOCK_X=triton.next_power_of_2(D) if norm is not None else 16, **_launch_options(x_2d), num_warps=warps,
     )
+    if residual is not None:
+        return out, total, normed
     return out
 
 
@@ -656,6 +746,92 @@ def argmax_rows(x_BV: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def decode_prologue(
+    input_ids_B1: torch.Tensor, embed_weight: torch.Tensor, position_B1: torch.Tensor, inv_freq: torch.Tensor,
+    scaling: float, mask_BS: torch.Tensor, length: torch.Tensor,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """What a one-token decode step on a static cache computes before its first layer, in one launch instead of
+    ~16 small torch kernels (`DeepseekV3Model.forward`): the embedding rows, the rotary angles and the attention
+    bias.
+
+    input_ids_B1 / position_B1 [B, 1] int64 (contiguous), embed_weight [V, D] (last dim contiguous), inv_freq [R/2]
+    float32, `scaling` the cos/sin factor, mask_BS [B, S] the padding mask over the cache slots (nonzero = token),
+    length the static cache's device-side length (0-dim int64: the new token's slot) ->
+    (embeddings [B, 1, D] in the weight's dtype, (cos, sin) [B, 1, R/2] float32, bias [B, 1, 1, S] in the weight's
+    dtype: 0 where slot <= length and the mask holds a token, the dtype's minimum elsewhere)."""
+    B = input_ids_B1.shape[0]
+    D, HALF, S = embed_weight.shape[1], inv_freq.shape[0], mask_BS.shape[1]
+    for name, t in (("input_ids", input_ids_B1), ("position_ids", position_B1)):
+        if tuple(t.shape) != (B, 1) or not t.is_contiguous() or t.dtype != torch.int64:
+            raise ValueError(f"decode_prologue: {name} must be a contiguous int64 [{B}, 1]; found {t.dtype} "
+                             f"{tuple(t.shape)}")
+    if embed_weight.stride(-1) != 1 or mask_BS.stride(-1) != 1 or mask_BS.shape[0] != B or length.numel() != 1:
+        raise ValueError(f"decode_prologue: needs an embedding weight and a [{B}, S] mask with contiguous last dims "
+                         f"and a one-element length; found mask {tuple(mask_BS.shape)}, length {tuple(length.shape)}")
+    device, dtype = input_ids_B1.device, embed_weight.dtype
+    embeds = torch.empty(B, 1, D, dtype=dtype, device=device)
+    cos = torch.empty(B, 1, HALF, dtype=torch.float32, device=device)
+    sin = torch.empty(B, 1, HALF, dtype=torch.float32, device=device)
+    bias = torch.empty(B, 1, 1, S, dtype=dtype, device=device)
+    block_s = 1024
+    _decode_prologue_kernel[(B, 1 + triton.cdiv(S, block_s))](
+        input_ids_B1, embed_weight, embeds, position_B1, inv_freq.float().contiguous(), cos, sin, mask_BS, length,
+        bias, D, S, embed_weight.stride(0), mask_BS.stride(0), float(scaling), torch.finfo(dtype).min,
+        HALF=HALF, BLOCK_D=triton.next_power_of_2(D), BLOCK_HALF=triton.next_power_of_2(HALF), BLOCK_S=block_s,
+        num_warps=4,
+    )
+    return embeds, (cos, sin), bias
+
+
+# Rows `greedy_pick_` serves in its one program (a [rows, chunks] tile of the first pass's maxima).
+GREEDY_MAX_ROWS = 64
+
+
+def greedy_pick_(logits_BV: torch.Tensor, tokens_BS: torch.Tensor, column_B1: torch.Tensor, mask_BS: torch.Tensor,
+                 position_B1: torch.Tensor, input_B1: torch.Tensor, eos: tuple | None = None) -> None:
+    """A greedy decode step's bookkeeping after the logits, in two launches (`argmax_rows`'s first pass, then one
+    program for every row), in place on int64 tensors, as `DecodeGraph._pick_greedy`'s torch ops:
+
+        token = logits.argmax(-1)                                  (first index of the maximum)
+        with eos = (eos_ids [E], unfinished [B], pad 0-dim, stopped 0-dim bool):
+            token = token * unfinished + pad * (1 - unfinished)
+            unfinished &= token not in eos_ids;  stopped = unfinished.max() == 0
+        column += 1;  tokens[b, column] = token;  mask[b, min(column, S - 1)] = 1;  position += 1;  input = token
+
+    logits_BV [B, V] (last dim contiguous), tokens_BS [B, S'], column_B1 / position_B1 / input_B1 [B, 1]
+    (contiguous), mask_BS [B, S]; B <= GREEDY_MAX_ROWS."""
+    B, V = logits_BV.shape
+    if logits_BV.stride(-1) != 1 or B > GREEDY_MAX_ROWS:
+        raise ValueError(f"greedy_pick_: logits need a contiguous last dim and at most {GREEDY_MAX_ROWS} rows; "
+                         f"found shape {tuple(logits_BV.shape)}, strides {logits_BV.stride()}")
+    for name, t in (("tokens", tokens_BS), ("column", column_B1), ("mask", mask_BS), ("position", position_B1),
+                    ("input", input_B1)):
+        if t.dtype != torch.int64 or t.shape[0] != B or t.stride(-1) != 1:
+            raise ValueError(f"greedy_pick_: {name} must be int64 with {B} rows and a contiguous last dim; found "
+                             f"{t.dtype}, shape {tuple(t.shape)}")
+    for name, t in (("column", column_B1), ("position", position_B1), ("input", input_B1)):
+        if t.numel() != B or not t.is_contiguous():
+            raise ValueError(f"greedy_pick_: {name} must be a contiguous [{B}, 1]; found shape {tuple(t.shape)}")
+    chunks = triton.cdiv(V, ARGMAX_BLOCK)
+    maxima = torch.empty(B, chunks, dtype=torch.float32, device=logits_BV.device)
+    args = torch.empty(B, chunks, dtype=torch.int64, device=logits_BV.device)
+    options = _launch_options(logits_BV)
+    _chunk_argmax_kernel[(B, chunks)](logits_BV, maxima, args, V, logits_BV.stride(0), chunks, BLOCK=ARGMAX_BLOCK,
+                                      **options, num_warps=4)
+    if eos is not None:
+        eos_ids, unfinished, pad, stopped = eos
+        E = eos_ids.numel()
+    else:
+        eos_ids = unfinished = pad = stopped = column_B1
+        E = 0
+    _greedy_pick_kernel[(1,)](
+        maxima, args, tokens_BS, column_B1, mask_BS, position_B1, input_B1, unfinished, pad, eos_ids, stopped,
+        B, chunks, E, mask_BS.shape[1], tokens_BS.stride(0), mask_BS.stride(0), HAS_EOS=eos is not None,
+        BLOCK_B=triton.next_power_of_2(B), BLOCK_C=triton.next_power_of_2(chunks),
+        BLOCK_E=triton.next_power_of_2(max(E, 1)), **options, num_warps=4,
+    )
+
+
 def silu_gate_up(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
                  tile: tuple[int, int, int] | None = None) -> torch.Tensor:
     """`silu(x @ w_gate^T) * (x @ w_up^T)` for `x` [..., D] (at most MAX_GEMV_TOKENS rows), `w_gate`/`w_up` [N, D]
@@ -677,9 +853,16 @@ def silu_gate_up(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
     return out
 
 
-def router_scores(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> torch.Tensor:
-    """sigmoid(x @ W^T) [T, E] in float32 (float32 accumulation of the exact products of the inputs)."""
-    return linear_pair(x_TD, weight_ED, None, sigmoid=True, out_dtype=torch.float32)
+def router_scores(x_TD: torch.Tensor, weight_ED: torch.Tensor, add_norm: tuple | None = None):
+    """sigmoid(x @ W^T) [T, E] in float32 (float32 accumulation of the exact products of the inputs).
+
+    `add_norm = (residual_TD, norm_weight [D], eps)`: the scores of `rms_norm(residual + x)` instead, -> (scores,
+    residual + x, rms_norm(residual + x)) (see `linear_pair`)."""
+    if add_norm is None:
+        return linear_pair(x_TD, weight_ED, None, sigmoid=True, out_dtype=torch.float32)
+    residual_TD, norm_weight, eps = add_norm
+    return linear_pair(x_TD, weight_ED, None, sigmoid=True, out_dtype=torch.float32, norm=(norm_weight, eps),
+                       residual=residual_TD)
 
 
 def noaux_topk(
@@ -965,6 +1148,8 @@ __all__ = [
     "absorbed_decode_attention",
     "add_rms_norm",
     "decode_kernels_available",
+    "decode_prologue",
+    "greedy_pick_",
     "latent_norm_rope",
     "linear_pair",
     "moe_combine",

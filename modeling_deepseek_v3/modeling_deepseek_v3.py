@@ -32,12 +32,15 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from .checkpoint_layout import MTP_SHARED_COPY_PATTERN, mtp_shared_copies, register_official_layout
 from .configuration_deepseek_v3 import DeepseekV3Config, yarn_get_mscale
 from .decode_kernels import (
+    GREEDY_MAX_ROWS,
     MAX_GEMV_TOKENS,
     absorb_query,
     absorbed_decode_attention,
     add_rms_norm,
     argmax_rows,
     decode_kernels_available,
+    decode_prologue,
+    greedy_pick_,
     latent_norm_rope,
     linear_pair,
     moe_combine,
@@ -743,11 +746,24 @@ class DeepseekV3TopkRouter(nn.Module):
         else:
             with torch.autocast(device_type=x_TD.device.type, enabled=False):
                 scores_TE = F.linear(x_TD.float(), self.weight.float()).sigmoid()
-        topk_idx_TK, topk_weight_TK = noaux_topk(
+        return (*self._select_kernels(scores_TE), scores_TE)
+
+    def _select_kernels(self, scores_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return noaux_topk(
             scores_TE, self.e_score_correction_bias, self.n_group, self.topk_group, self.top_k,
             self.config.norm_topk_prob and self.top_k > 1, self.config.routed_scaling_factor,
         )
-        return topk_idx_TK, topk_weight_TK, scores_TE
+
+    def route_after_add_norm(
+        self, delta_TD: torch.Tensor, residual_TD: torch.Tensor, norm: "DeepseekV3RMSNorm"
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """decode_kernels (`_use_fused_selection`, at most MAX_GEMV_TOKENS tokens): the decoder layer's residual add
+        and post-attention norm inside the router's pass, -> (topk_idx, topk_weight, residual + delta,
+        norm(residual + delta)), each [T, ...]; the routing of `forward(norm(residual + delta))`."""
+        scores_TE, total_TD, normed_TD = router_scores(
+            delta_TD, self.weight, add_norm=(residual_TD, norm.weight, norm.variance_epsilon)
+        )
+        return (*self._select_kernels(scores_TE), total_TD, normed_TD)
 
 
 def _accelerate_init_device():
@@ -1042,12 +1058,16 @@ class DeepseekV3MoE(nn.Module):
 
     def forward(
         self, hidden_states: torch.Tensor, token_mask_BT: torch.Tensor | None = None,
-        residual: torch.Tensor | None = None,
+        residual: torch.Tensor | None = None, post_attention_norm: nn.Module | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """hidden_states [B, T, D], token_mask_BT [B, T] (1 = real token; padding is routed but not counted in the
         expert load nor in the balance loss), residual [B, T, D] or None (added to the output: the decoder layer's
         residual stream, summed inside the combine kernel at decode sizes) -> (output [B, T, D], sequence balance
-        loss or None outside training)."""
+        loss or None outside training).
+
+        With `post_attention_norm` (only where `routes_after_add_norm`), hidden_states is the attention's output and
+        residual the stream before it: the input is `post_attention_norm(residual + hidden_states)` and the output
+        adds `residual + hidden_states`, both computed inside the router's pass."""
         B, T, D = hidden_states.shape
         x_TD = hidden_states.reshape(-1, D)
         token_mask_T = token_mask_BT.reshape(-1) if token_mask_BT is not None else None
@@ -1055,7 +1075,13 @@ class DeepseekV3MoE(nn.Module):
             # decode_kernels: router (2 launches), routed and shared experts (2: the shared experts' S parts of
             # expert width ride along as S more pairs per token; 2 more launches where their weights are not
             # plain), then the weighted sum, the shared output and the residual in one combine.
-            topk_idx, topk_weight, _ = self.gate(x_TD, token_mask_T)
+            if post_attention_norm is not None:
+                topk_idx, topk_weight, residual, x_TD = self.gate.route_after_add_norm(
+                    x_TD, residual.reshape(-1, D), post_attention_norm
+                )
+                hidden_states = x_TD.view(B, T, D)
+            else:
+                topk_idx, topk_weight, _ = self.gate(x_TD, token_mask_T)
             if self._shared_in_expert_kernels(x_TD):
                 y_PD = self.experts._triton_pairs(x_TD, topk_idx, self.shared_experts)
                 parts = self.config.n_shared_experts
@@ -1065,6 +1091,20 @@ class DeepseekV3MoE(nn.Module):
             return moe_combine(y_PD, topk_weight, shared, residual.reshape(-1, D)).view(B, T, D), None
         out, aux_loss = self._forward(hidden_states, x_TD, token_mask_BT, token_mask_T)
         return (out if residual is None else residual + out), aux_loss
+
+    def routes_after_add_norm(self, residual: torch.Tensor, delta: torch.Tensor, norm: nn.Module) -> bool:
+        """Whether `forward(delta, ..., residual=residual, post_attention_norm=norm)` can run the decoder layer's
+        residual add and post-attention norm inside the router's pass (decode kernels, a few tokens, V3's routing,
+        a plain norm, residual and delta alike)."""
+        x_TD = delta.reshape(-1, delta.shape[-1])
+        return bool(
+            self._decode_combine(x_TD)
+            and self.gate._use_fused_selection(x_TD)
+            and _plain_norm(norm, delta)
+            and residual.shape == delta.shape
+            and residual.dtype == delta.dtype
+            and residual.stride(-1) == 1
+        )
 
     def _shared_in_expert_kernels(self, x_TD: torch.Tensor) -> bool:
         """The shared experts can run inside the routed experts' kernels: plain SiLU MLP weights in the experts'
@@ -1150,6 +1190,9 @@ class DeepseekV3DecoderLayer(GradientCheckpointingLayer):
                 norm(hidden_states), position_embeddings, attention_bias, past_key_values, use_absorbed
             )
         norm = self.post_attention_layernorm
+        if isinstance(self.mlp, DeepseekV3MoE) and self.mlp.routes_after_add_norm(residual, hidden_states, norm):
+            # decode_kernels: the residual add and the norm inside the router's pass.
+            return self.mlp(hidden_states, token_mask, residual=residual, post_attention_norm=norm)
         if _use_decode_kernels(norm.config, norm, hidden_states) and _plain_norm(norm, hidden_states) and (
             hidden_states.numel() <= MAX_GEMV_TOKENS * hidden_states.shape[-1] and residual.stride(-1) == 1
         ):
@@ -1513,6 +1556,9 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         past_key_values = _the_cache(past_key_values, cache)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("DeepseekV3Model.forward: pass exactly one of input_ids or inputs_embeds")
+        prologue = self._decode_prologue(input_ids, attention_mask, position_ids, past_key_values, use_cache)
+        if prologue is not None:
+            inputs_embeds = prologue[0]
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         use_cache = self.config.use_cache if use_cache is None else use_cache
@@ -1529,7 +1575,8 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
         if T > 1 and torch.is_tensor(past_seen):
             past_seen = int(past_seen)  # a prompt on a static cache: one host sync (decode steps keep the tensor)
-        cache_position = torch.arange(T, device=inputs_embeds.device) + past_seen
+        # (the prologue's bias and positions need no cache positions: two launches less)
+        cache_position = None if prologue is not None else torch.arange(T, device=inputs_embeds.device) + past_seen
         kv_length = past_key_values.get_mask_sizes(T, 0)[0] if past_key_values is not None else T
         if T > 1:
             kv_length = min(kv_length, past_seen + T)  # a prompt attends only to the written slots of a static cache
@@ -1544,14 +1591,17 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
             T > 1 and past_seen == 0
             and (attention_mask is None or (attention_mask.dim() == 2 and bool(attention_mask.all())))
         )
-        attention_bias = None if causal_only else build_attention_bias(
-            attention_mask, cache_position, kv_length, inputs_embeds.dtype, keys_are_exact
-        )
+        if prologue is not None:
+            attention_bias, position_embeddings = prologue[2], prologue[1]
+        else:
+            attention_bias = None if causal_only else build_attention_bias(
+                attention_mask, cache_position, kv_length, inputs_embeds.dtype, keys_are_exact
+            )
+            position_embeddings = self.rotary_emb(position_ids)
         form = self.config.attention_form
         has_past = T == 1 or (isinstance(past_seen, int) and past_seen > 0)
         use_absorbed = form == "absorbed" or (form == "auto" and past_key_values is not None and has_past)
 
-        position_embeddings = self.rotary_emb(position_ids)
         # The new tokens' padding mask (a view): padding is left out of the expert load and the balance loss.
         token_mask = attention_mask[:, -T:] if attention_mask is not None and attention_mask.dim() == 2 else None
         hidden_states = inputs_embeds
@@ -1569,6 +1619,29 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
                 aux_loss = layer_aux if aux_loss is None else aux_loss + layer_aux
         return DeepseekV3ModelOutputWithPast(
             last_hidden_state=self.norm(hidden_states), aux_loss=aux_loss, **{CACHE_FIELD: past_key_values}
+        )
+
+    def _decode_prologue(self, input_ids, attention_mask, position_ids, cache, use_cache):
+        """decode_kernels, one new token per row on an initialized static cache, with a 2D padding mask over its
+        slots and the positions given (as `DecodeGraph` runs the step): (embeddings, (cos, sin), bias) from one
+        launch (`decode_prologue`), equal to the embedding, `rotary_emb` and `build_attention_bias` below; else
+        None."""
+        embed = self.embed_tokens
+        if not (
+            input_ids is not None and input_ids.dim() == 2 and input_ids.shape[1] == 1
+            and _use_decode_kernels(self.config, self, input_ids)
+            and use_cache is not False and isinstance(cache, Cache) and getattr(cache, "is_compileable", False)
+            and torch.is_tensor(cache.get_seq_length())
+            and attention_mask is not None and attention_mask.dim() == 2
+            and attention_mask.shape == (input_ids.shape[0], cache.get_mask_sizes(1, 0)[0])
+            and position_ids is not None and position_ids.shape == input_ids.shape
+            and type(embed) is nn.Embedding and embed.max_norm is None and embed.weight.device == input_ids.device
+            and self.rotary_emb.inv_freq.device == input_ids.device
+        ):
+            return None
+        return decode_prologue(
+            input_ids.long().contiguous(), embed.weight, position_ids.long().contiguous(), self.rotary_emb.inv_freq,
+            self.rotary_emb.attention_scaling, attention_mask, cache.get_seq_length(),
         )
 
 
@@ -2038,7 +2111,14 @@ class DecodeGraph:
         (mask column set, position + 1), the rows that produced an end-of-sequence id finished, and `stopped` set
         once all rows are."""
         logits_BV = logits_B1V[:, -1]
-        if _use_decode_kernels(self.model.config, self.model, logits_BV) and logits_BV.stride(-1) == 1:
+        kernels = _use_decode_kernels(self.model.config, self.model, logits_BV) and logits_BV.stride(-1) == 1
+        if kernels and logits_BV.shape[0] <= GREEDY_MAX_ROWS:
+            # decode_kernels: the argmax's two passes, the second doing the bookkeeping below (about eight small
+            # torch kernels less a step)
+            eos = (self.eos, self.unfinished, self.pad, self.stopped) if self.eos is not None else None
+            greedy_pick_(logits_BV, self.tokens, self.column, self.mask, self.position_ids, self.input_ids, eos)
+            return
+        if kernels:
             next_B = argmax_rows(logits_BV)  # decode_kernels: two passes instead of torch's one slow reduction
         else:
             next_B = logits_BV.argmax(dim=-1)  # bf16 and float32 compare alike: no float32 copy

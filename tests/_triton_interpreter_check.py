@@ -3,6 +3,8 @@ the decode kernels on CPU tensors through Triton's interpreter, against the eage
 loop over a runtime bound (the matrix-vector products, the attention split, the MoE experts) are left to the GPU
 tests: Triton 3.6's interpreter cannot run those loops."""
 
+import copy
+
 import torch
 from _helpers import relative_max_diff
 
@@ -168,6 +170,8 @@ def main():
         assert relative_max_diff(w_fused.grad, w_eager.grad) < TOLERANCE
 
     check_decode_experts_with_shared_parts()
+    check_greedy_pick()
+    check_decode_prologue()
 
     saved = []
     x = torch.randn(32, 64, dtype=torch.bfloat16, requires_grad=True)
@@ -201,6 +205,15 @@ def check_decode_experts_with_shared_parts():
             assert relative_max_diff(fused, reference) < tolerance
             separate = kernels.linear_pair(kernels.rms_norm(x, norm.weight, norm.variance_epsilon), w1, w2, tile=tile)
             assert torch.equal(fused, separate)
+            # With a residual (the router's pass with the post-attention add and norm): the sum, the normed row
+            # and the scores of the normed row.
+            residual = torch.randn(2, 1, 96, dtype=dtype)
+            scores, total, normed = kernels.linear_pair(x, w1, None, sigmoid=True, out_dtype=torch.float32, tile=tile,
+                                                        norm=(norm.weight, norm.variance_epsilon), residual=residual)
+            total_ref, normed_ref = kernels.add_rms_norm(residual, x, norm.weight, norm.variance_epsilon)
+            assert torch.equal(total, total_ref) and relative_max_diff(normed, normed_ref) < tolerance
+            assert torch.equal(scores, kernels.linear_pair(normed, w1, None, sigmoid=True, out_dtype=torch.float32,
+                                                           tile=tile))
 
     check_absorbed_attention()
     check_noaux_topk()
@@ -286,6 +299,81 @@ def check_noaux_topk():
             idx_ref, weight_ref = topk_reference(scores, bias, n_group, topk_group, top_k, 2.5)
             assert torch.equal(idx, idx_ref), (E, n_group, tied, idx, idx_ref)
             assert relative_max_diff(weight, weight_ref) < TOLERANCE
+
+
+def greedy_reference(logits, tokens, column, mask, position, input_ids, eos):
+    """DecodeGraph._pick_greedy's torch ops (in place)."""
+    token = logits.argmax(dim=-1)
+    if eos is not None:
+        eos_ids, unfinished, pad, stopped = eos
+        token = token * unfinished + pad * (1 - unfinished)
+        ended = (token[:, None] == eos_ids[None, :]).any(dim=-1)
+        unfinished.copy_(unfinished & ~ended)
+        stopped.copy_(unfinished.max() == 0)
+    column += 1
+    tokens.scatter_(1, column, token[:, None])
+    mask.scatter_(1, column.clamp(max=mask.shape[1] - 1), 1)
+    position += 1
+    input_ids.copy_(token[:, None])
+
+
+def check_greedy_pick():
+    """`greedy_pick_` (argmax over chunks, the greedy bookkeeping of all rows in one program) against the torch
+    ops it replaces: ties inside and across chunks (the first index wins), end-of-sequence ids finishing rows,
+    finished rows padded, `stopped` once all rows are, the mask column clamped at the cache's end."""
+    torch.manual_seed(0)
+    B, V, S = 3, 2 * kernels.ARGMAX_BLOCK + 100, 12
+    for case in ("plain", "eos", "all-finish", "last-column"):
+        logits = torch.randn(B, V)
+        logits[0, [5, 3000, 4100]] = 10.0  # ties across chunks
+        logits[1, [4097, 4098]] = 10.0  # a tie inside the last chunk
+        logits[2, 2047:2049] = 10.0  # a tie across a chunk boundary
+        column = torch.full((B, 1), S - 1 if case == "last-column" else 4, dtype=torch.long)
+        tokens = torch.randint(0, V, (B, S + 1))
+        mask = (torch.rand(B, S) > 0.5).long()
+        position = torch.randint(0, 9, (B, 1))
+        input_ids = torch.zeros(B, 1, dtype=torch.long)
+        eos = None
+        if case != "plain":
+            eos_ids = torch.tensor([3000, 7] if case == "eos" else [5, 4097, 2047, 1])
+            eos = (eos_ids, torch.tensor([1, 0, 1]), torch.tensor(1), torch.tensor(False))
+        state = (tokens, column, mask, position, input_ids, eos)
+        states = [copy.deepcopy(state), copy.deepcopy(state)]
+        greedy_reference(logits, *states[0])
+        kernels.greedy_pick_(logits, *states[1])
+        flat = [[t for t in (*s[:5], *(s[5] or ()))] for s in states]
+        for expected, found in zip(*flat):
+            assert torch.equal(expected, found), (case, expected, found)
+        if case == "all-finish":
+            assert bool(states[1][5][3])
+
+
+def check_decode_prologue():
+    """`decode_prologue` (embedding rows, rotary angles, attention bias of one new token on a static cache in one
+    launch) against the embedding, `DeepseekV3RotaryEmbedding` and `build_attention_bias`: equal embeddings and
+    bias, left padding and unwritten slots masked; the angles to float32 rounding here (the interpreter's cos/sin
+    are numpy's; the GPU test holds them bit-equal to torch's on the device)."""
+    from _helpers import tiny_config
+
+    from modeling_deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding, build_attention_bias
+
+    torch.manual_seed(0)
+    config = tiny_config()
+    rotary = DeepseekV3RotaryEmbedding(config)
+    B, S, V, D = 3, 1500, 50, 24
+    embed = torch.randn(V, D, dtype=torch.bfloat16)
+    ids = torch.tensor([[7], [0], [49]])
+    length = torch.tensor(1203)
+    mask = torch.zeros(B, S, dtype=torch.long)
+    mask[:, : int(length) + 1] = 1
+    mask[1, :40] = 0  # left padding
+    positions = mask.sum(-1, keepdim=True) - 1
+    embeds, (cos, sin), bias = kernels.decode_prologue(ids, embed, positions, rotary.inv_freq,
+                                                       rotary.attention_scaling, mask, length)
+    cos_ref, sin_ref = rotary(positions)
+    assert torch.equal(embeds, embed[ids])
+    assert torch.allclose(cos, cos_ref, atol=1e-5) and torch.allclose(sin, sin_ref, atol=1e-5)
+    assert torch.equal(bias, build_attention_bias(mask, length.reshape(1), S, torch.bfloat16, keys_are_exact=False))
 
 
 if __name__ == "__main__":

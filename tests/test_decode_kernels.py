@@ -69,7 +69,7 @@ def test_triton_kernels_compile_for_hopper_without_a_gpu(monkeypatch):
     from modeling_deepseek_v3 import decode_kernels, moe_kernels
     from modeling_deepseek_v3.training_kernels import rms_norm_training, rotate_pairs_training, silu_mul_training
 
-    types = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.int64: "i64"}
+    types = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.int64: "i64", torch.bool: "i1"}
     compiled = set()
 
     def compile_instead_of_launch(kernel, *args, grid, warmup=False, **kwargs):
@@ -102,6 +102,7 @@ def test_triton_kernels_compile_for_hopper_without_a_gpu(monkeypatch):
     decode_kernels.linear_pair(t(1, 2048), t(1536, 2048), t(576, 2048))
     decode_kernels.linear_pair(t(1, 2048), t(1536, 2048), t(576, 2048), norm=(t(2048), 1e-6))  # + the input norm
     decode_kernels.router_scores(t(1, 2048), t(64, 2048))
+    decode_kernels.router_scores(t(1, 2048), t(64, 2048), add_norm=(t(1, 2048), t(2048), 1e-6))  # + add, norm
     decode_kernels.silu_gate_up(t(1, 2048), t(2816, 2048), t(2816, 2048))
     decode_kernels.noaux_topk(torch.rand(1, 64), torch.zeros(64), 8, 4, 6, True, 2.5)
     decode_kernels.rotate_pairs_(t(1, 16, 192)[..., 128:], t(1, 64), angle, angle)
@@ -117,6 +118,13 @@ def test_triton_kernels_compile_for_hopper_without_a_gpu(monkeypatch):
                                              t(16 * 256, 512), 128, config={"fold_partials": 64})  # combine in W_UV
     decode_kernels.moe_combine(torch.randn(6, 2048), torch.rand(1, 6), t(1, 2048), t(1, 2048))
     decode_kernels.argmax_rows(t(2, 129280))
+    ids = torch.zeros(2, 1, dtype=torch.long)
+    decode_kernels.decode_prologue(ids, t(129280, 2048), ids.clone(), torch.rand(32), 1.0,
+                                   torch.ones(2, 1025, dtype=torch.long), torch.tensor(3))
+    decode_kernels.greedy_pick_(t(2, 129280), torch.zeros(2, 1026, dtype=torch.long), ids.clone(),
+                                torch.ones(2, 1025, dtype=torch.long), ids.clone(), ids.clone(),
+                                eos=(torch.tensor([1, 2]), torch.ones(2, dtype=torch.long), torch.tensor(0),
+                                     torch.tensor(False)))
     experts = torch.arange(6)
     moe_kernels.expert_down(moe_kernels.expert_gate_up_act(t(1, 2048), t(64, 2816, 2048), experts, 6),
                             t(64, 2048, 1408), experts)
@@ -134,7 +142,7 @@ def test_triton_kernels_compile_for_hopper_without_a_gpu(monkeypatch):
     y = t(48, 2048).requires_grad_()  # the grouped experts' combine, both ways
     moe_kernels.combine_sorted_pairs(y, torch.randperm(48).view(8, 6), torch.rand(8, 6).requires_grad_()).backward(
         torch.randn(8, 2048))
-    assert len(compiled) == 23, sorted(compiled)
+    assert len(compiled) == 25, sorted(compiled)
 
 
 def test_triton_kernels_equal_the_eager_ops_in_the_triton_interpreter():

@@ -518,6 +518,64 @@ def test_fused_decode_kernels_equal_the_eager_ops_they_replace(dtype, tolerance)
         assert not cache_c[:, untouched].any() and not cache_k[:, untouched].any()
 
 
+def test_decode_prologue_and_greedy_pick_equal_the_torch_ops_bit_for_bit():
+    # The step's first launch (embedding, rotary angles, bias) and last (the greedy bookkeeping) replace torch ops
+    # whose results the rest of the step reads: they must be the same bits, angles included (Triton's cos/sin are
+    # libdevice's), at every position up to V3's 163,840.
+    import json
+
+    from _helpers import PRESETS
+    from _triton_interpreter_check import greedy_reference
+
+    from modeling_deepseek_v3 import DeepseekV3Config
+    from modeling_deepseek_v3 import decode_kernels as kernels
+    from modeling_deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding, build_attention_bias
+
+    config = DeepseekV3Config(**json.loads((PRESETS / "deepseek-v3-lite.json").read_text()))  # YaRN, factor 40
+    rotary = DeepseekV3RotaryEmbedding(config).cuda()
+    for dtype in (torch.bfloat16, torch.float32):
+        B, S = 4, 40000
+        embed = torch.randn(1000, 2048, dtype=dtype, device="cuda")
+        ids = torch.tensor([[7], [0], [999], [3]], device="cuda")
+        for length in (0, 17, S - 1):
+            mask = torch.zeros(B, S, dtype=torch.long, device="cuda")
+            mask[:, : length + 1] = 1
+            mask[1, : length // 2] = 0  # left padding
+            positions = torch.tensor([[length], [0], [163839], [81234]], device="cuda")
+            length_t = torch.tensor(length, device="cuda")
+            embeds, (cos, sin), bias = kernels.decode_prologue(ids, embed, positions, rotary.inv_freq,
+                                                               rotary.attention_scaling, mask, length_t)
+            cos_ref, sin_ref = rotary(positions)
+            assert torch.equal(embeds, embed[ids])
+            assert torch.equal(cos, cos_ref) and torch.equal(sin, sin_ref)
+            assert torch.equal(bias, build_attention_bias(mask, length_t.reshape(1), S, dtype, keys_are_exact=False))
+    positions = torch.arange(0, 163840, 7, device="cuda")[:, None]
+    cos_ref, sin_ref = rotary(positions)
+    mask = torch.ones(positions.shape[0], 8, dtype=torch.long, device="cuda")
+    ids = torch.zeros_like(positions)
+    _, (cos, sin), _ = kernels.decode_prologue(ids, embed, positions, rotary.inv_freq, rotary.attention_scaling,
+                                               mask, torch.tensor(7, device="cuda"))
+    assert torch.equal(cos, cos_ref) and torch.equal(sin, sin_ref)
+
+    torch.manual_seed(0)
+    for B in (1, 3, 32, kernels.GREEDY_MAX_ROWS):
+        for with_eos in (False, True):
+            logits = torch.randn(B, 129280, device="cuda", dtype=torch.bfloat16)
+            logits[0, [5, 70000]] = 10.0  # a tie across chunks: the first index
+            state = (torch.randint(0, 129280, (B, 41), device="cuda"), torch.full((B, 1), 6, device="cuda"),
+                     (torch.rand(B, 40, device="cuda") > 0.3).long(), torch.randint(0, 9, (B, 1), device="cuda"),
+                     torch.zeros(B, 1, dtype=torch.long, device="cuda"))
+            eos = None
+            if with_eos:
+                eos = (logits.argmax(-1)[::2].clone(), (torch.rand(B, device="cuda") > 0.2).long(),
+                       torch.tensor(1, device="cuda"), torch.tensor(False, device="cuda"))
+            expected, found = copy.deepcopy((*state, eos)), copy.deepcopy((*state, eos))
+            greedy_reference(logits, *expected)
+            kernels.greedy_pick_(logits, *found)
+            for a, b in zip((*expected[:5], *(expected[5] or ())), (*found[:5], *(found[5] or ()))):
+                assert torch.equal(a, b), (B, with_eos)
+
+
 # Batch 2: the fused path (matrix-vector kernels, latent written into the cache); batch 6: past MAX_GEMV_TOKENS,
 # cuBLAS projections and the one-token attention kernels.
 @pytest.mark.parametrize("batch", [2, 6])
