@@ -10,9 +10,11 @@ it, and prints both with the ratio and the hardware floor. Rows:
   with the default dynamic cache and with a static cache (ours then replays its captured CUDA graph; the built-in
   runs its eager forward: no torch.compile), and the weight bandwidth of the static rows: the bytes a step reads
   (the routed experts its tokens chose, counted in one eager step of ours) over the step time;
-- `generate()` end to end, batch 1, greedy, static cache: per-token time from the difference of two lengths (ours
-  also with a logits processor, `min_new_tokens`, and in transformers' own sampling loop instead of
-  `sample_on_decode_graph`), and the wall time of the first call (warm-up: our graph capture);
+- `generate()` end to end, batch 1, greedy, static cache: per-token time from the difference of two lengths,
+  `--generate-tokens` + 1 and 1 new tokens, each the median of `--generate-repeats` calls (a call's host work before
+  its first token varies by several ms between calls: short calls and few repeats make this row noisy); ours also
+  with a logits processor, `min_new_tokens`, and in transformers' own sampling loop instead of
+  `sample_on_decode_graph`; and the wall time of the first call (warm-up: our graph capture);
 - the floor: bytes of the active parameters per token (attention, dense/shared MLPs, K routed experts per MoE
   layer, the LM head) read once, over the device-to-device copy bandwidth measured here.
 
@@ -143,10 +145,10 @@ def measure(model, args, vocab) -> dict:
         return run
 
     def ms_per_token(**extra):
-        # A call of decode_steps + 1 tokens against a 1-token call (the prefill and the first token cancel out).
-        n = args.decode_steps + 1
-        long, short = timed(generate(n, **extra), args.repeats), timed(generate(1), args.repeats)
-        return (long - short) / args.decode_steps * 1e3
+        # A call of generate_tokens + 1 tokens against a 1-token call (the prefill and the first token cancel out).
+        n = args.generate_tokens + 1
+        long, short = timed(generate(n, **extra), args.generate_repeats), timed(generate(1), args.generate_repeats)
+        return (long - short) / args.generate_tokens * 1e3
 
     start = time.perf_counter()
     generate(2)()
@@ -158,7 +160,7 @@ def measure(model, args, vocab) -> dict:
     if hasattr(type(model), "_can_sample_on_graph"):
         # Ours with a logits processor (min_new_tokens: the processor, argmax and criteria run between replays),
         # and in transformers' own loop (a host sync per token; each step still replays the graph).
-        results["generate_b1_static_processor"] = {"ms_per_token": ms_per_token(min_new_tokens=args.decode_steps + 1)}
+        results["generate_b1_static_processor"] = {"ms_per_token": ms_per_token(min_new_tokens=args.generate_tokens + 1)}
         model._can_sample_on_graph = lambda *args: False
         results["generate_b1_static_transformers_loop"] = {"ms_per_token": ms_per_token()}
         del model._can_sample_on_graph
@@ -214,6 +216,8 @@ def main():
     parser.add_argument("--batch-context", type=int, default=2048, help="context of the rows with batch > 1")
     parser.add_argument("--decode-steps", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--generate-tokens", type=int, default=64, help="new tokens of the long generate() call")
+    parser.add_argument("--generate-repeats", type=int, default=5, help="calls per generate() length (median)")
     parser.add_argument("--json", help="write the numbers here")
     args = parser.parse_args()
 

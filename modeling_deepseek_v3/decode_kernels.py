@@ -853,16 +853,21 @@ def silu_gate_up(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
     return out
 
 
+# The router's tile: 2 of its 64 rows a program (32 programs, each normalizing the row: see `router_scores`); in the
+# captured V3-Lite step on an H200, 0.008-0.010 ms a step ahead of one row a program (NARROW_GEMV_TILE).
+ROUTER_TILE = (2, 2048, 4)
+
+
 def router_scores(x_TD: torch.Tensor, weight_ED: torch.Tensor, add_norm: tuple | None = None):
     """sigmoid(x @ W^T) [T, E] in float32 (float32 accumulation of the exact products of the inputs).
 
     `add_norm = (residual_TD, norm_weight [D], eps)`: the scores of `rms_norm(residual + x)` instead, -> (scores,
     residual + x, rms_norm(residual + x)) (see `linear_pair`)."""
     if add_norm is None:
-        return linear_pair(x_TD, weight_ED, None, sigmoid=True, out_dtype=torch.float32)
+        return linear_pair(x_TD, weight_ED, None, sigmoid=True, out_dtype=torch.float32, tile=ROUTER_TILE)
     residual_TD, norm_weight, eps = add_norm
-    return linear_pair(x_TD, weight_ED, None, sigmoid=True, out_dtype=torch.float32, norm=(norm_weight, eps),
-                       residual=residual_TD)
+    return linear_pair(x_TD, weight_ED, None, sigmoid=True, out_dtype=torch.float32, tile=ROUTER_TILE,
+                       norm=(norm_weight, eps), residual=residual_TD)
 
 
 def noaux_topk(
@@ -1103,6 +1108,12 @@ def latent_norm_rope(
     return q_out, c_kv, k_pe
 
 
+# Latent columns per program of `absorb_query` (L / 16 programs a head, plus q_pe's and the latent row's): in the
+# captured V3-Lite step on an H200 (benchmarks/ab_decode_step.py's step_ms) 16 beat 64 by 0.008-0.009 ms a step,
+# 32 and 128 lost 0.016 and 0.026.
+ABSORB_BLOCK_L = 16
+
+
 def absorb_query(q_BHk: torch.Tensor, w_kv_b: torch.Tensor, cos_Br: torch.Tensor, sin_Br: torch.Tensor,
                  nope_dim: int, latent: tuple | None = None) -> torch.Tensor:
     """The absorbed query of one new token per sequence in one launch: `q_lat = q_nope @ W_UK` per head and the
@@ -1129,7 +1140,7 @@ def absorb_query(q_BHk: torch.Tensor, w_kv_b: torch.Tensor, cos_Br: torch.Tensor
                              f"{tuple(kv_norm_weight.shape)}")
     else:
         kv_Bk, kv_norm_weight, eps, (c_kv, k_pe, length) = q_BHk, w_kv_b, 0.0, (out, out, out)
-    block_l = 64
+    block_l = ABSORB_BLOCK_L
     _absorb_query_kernel[(B, H, triton.cdiv(L, block_l) + (2 if latent is not None else 1))](
         q_BHk, w_kv_b, cos_Br, sin_Br, out, N, L, q_BHk.stride(0), q_BHk.stride(1), w_kv_b.stride(0),
         cos_Br.stride(0), out.stride(0), out.stride(1),

@@ -316,16 +316,22 @@ def test_shared_experts_inside_the_routed_kernels_equal_the_separate_and_eager_m
     from modeling_deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
     config = tiny_config(hidden_size=512, moe_intermediate_size=320, n_shared_experts=n_shared)
-    moe = random_model(config, seed=2).cuda().to(dtype).model.layers[1].mlp
+    layer = random_model(config, seed=2).cuda().to(dtype).model.layers[1]
+    moe, norm = layer.mlp, layer.post_attention_layernorm
     x = torch.randn(3, 1, 512, device="cuda", dtype=dtype)
     residual = torch.randn_like(x)
     with torch.no_grad():
         assert moe._decode_combine(x.view(-1, 512)) and moe._shared_in_expert_kernels(x.view(-1, 512))
         fused, _ = moe(x, residual=residual)
+        # The decoder layer's residual add and post-attention norm inside the router's pass.
+        assert moe.routes_after_add_norm(residual, x, norm)
+        after_norm, _ = moe(x, residual=residual, post_attention_norm=norm)
+        before_norm, _ = moe(norm(residual + x), residual=residual + x)
         monkeypatch.setattr(DeepseekV3MoE, "_shared_in_expert_kernels", lambda self, x: False)
         separate, _ = moe(x, residual=residual)
         config.decode_kernels = False
         eager, _ = moe(x, residual=residual)
+    assert relative_max_diff(after_norm, before_norm) < tolerance
     assert relative_max_diff(fused, separate) < tolerance
     assert relative_max_diff(fused, eager) < tolerance
 
