@@ -1108,10 +1108,13 @@ def latent_norm_rope(
     return q_out, c_kv, k_pe
 
 
-# Latent columns per program of `absorb_query` (L / 16 programs a head, plus q_pe's and the latent row's): in the
-# captured V3-Lite step on an H200 (benchmarks/ab_decode_step.py's step_ms) 16 beat 64 by 0.008-0.009 ms a step,
-# 32 and 128 lost 0.016 and 0.026.
+# Latent columns per program of `absorb_query` (L / block programs a head and row, plus q_pe's and the latent
+# row's), for up to ABSORB_SMALL_BATCH rows and beyond. In the captured V3-Lite step on an H200
+# (benchmarks/ab_decode_step.py's step_ms): at batch 1, 16 beat 64 by 0.008-0.009 ms a step (32 and 128 lost 0.016
+# and 0.026); at batch 32 (ctx 2048), 64 beat 16 by 0.43 ms (17.20 against 17.65 ms).
 ABSORB_BLOCK_L = 16
+ABSORB_BLOCK_L_LARGE = 64
+ABSORB_SMALL_BATCH = 4
 
 
 def absorb_query(q_BHk: torch.Tensor, w_kv_b: torch.Tensor, cos_Br: torch.Tensor, sin_Br: torch.Tensor,
@@ -1140,7 +1143,7 @@ def absorb_query(q_BHk: torch.Tensor, w_kv_b: torch.Tensor, cos_Br: torch.Tensor
                              f"{tuple(kv_norm_weight.shape)}")
     else:
         kv_Bk, kv_norm_weight, eps, (c_kv, k_pe, length) = q_BHk, w_kv_b, 0.0, (out, out, out)
-    block_l = ABSORB_BLOCK_L
+    block_l = ABSORB_BLOCK_L if B <= ABSORB_SMALL_BATCH else ABSORB_BLOCK_L_LARGE
     _absorb_query_kernel[(B, H, triton.cdiv(L, block_l) + (2 if latent is not None else 1))](
         q_BHk, w_kv_b, cos_Br, sin_Br, out, N, L, q_BHk.stride(0), q_BHk.stride(1), w_kv_b.stride(0),
         cos_Br.stride(0), out.stride(0), out.stride(1),
