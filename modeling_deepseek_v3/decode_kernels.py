@@ -26,17 +26,22 @@ one or two launches, with the same float32 math as the eager reference in `model
 - `absorb_query`: `q_nope @ W_UK` per head and the RoPE of q_pe, one launch (on a static cache, also the new
   token's latent row, so that a one-token step needs no `latent_norm_rope`: q_b_proj's `linear_pair` applies
   q_a's norm);
-- `add_rms_norm`: the residual add and the next RMSNorm; `moe_combine`: the routed experts' weighted sum, the
-  shared experts and the residual, with the eager path's roundings;
-- `argmax_rows`: the greedy token of a decode step (`DecodeGraph`), the argmax over the vocabulary in two passes.
+- `add_rms_norm`: the residual add and the next RMSNorm (in a MoE layer, `router_scores` does both inside its
+  pass); `moe_combine`: the routed experts' weighted sum, the shared experts and the residual, with the eager
+  path's roundings;
+- `decode_prologue`: a one-token step's embedding rows, rotary angles and attention bias over a static cache, one
+  launch;
+- `argmax_rows`: the greedy token of a decode step (`DecodeGraph`), the argmax over the vocabulary in two passes;
+  `greedy_pick_`: the same with generate()'s bookkeeping (padding of finished rows, end-of-sequence ids, the token
+  appended, the next input) in the second pass.
 
-A MoE decoder layer's decode step on a static cache is then 12 launches (attention 6 with its input norm: q_a/kv_a,
-q_b, absorbed query, split, combine with W_UV, o_proj; MoE 6 with the post-attention norm and the experts of
-`moe_kernels.py`) instead of ~110, chained by programmatic dependent launch on Hopper (`USE_PDL`). The tiles come
-from `benchmarks/tune_decode_kernels.py` and `benchmarks/ab_decode_step.py`; `tests/test_decode_kernels.py`
-compiles every kernel for Hopper and runs the loop-free ones in Triton's interpreter without a GPU (from Triton 3.9
-on also the experts' kernels and `linear_pair` with the norm), `tests/test_gpu.py` holds them equal to the eager
-path on a GPU.
+A MoE decoder layer's decode step on a static cache is then 11 launches (attention 6 with its input norm: q_a/kv_a,
+q_b, absorbed query, split, combine with W_UV, o_proj; MoE 5 with the post-attention add and norm in the router's
+pass and the experts of `moe_kernels.py`) instead of ~110, chained by programmatic dependent launch on Hopper
+(`USE_PDL`). The tiles come from `benchmarks/tune_decode_kernels.py` and `benchmarks/ab_decode_step.py`;
+`tests/test_decode_kernels.py` compiles every kernel for Hopper and runs the loop-free ones in Triton's interpreter
+without a GPU (from Triton 3.9 on also the experts' kernels and `linear_pair` with the norm), `tests/test_gpu.py`
+holds them equal to the eager path on a GPU.
 
 Shapes: T tokens (rows), D input features, E experts, K experts per token, G expert groups, H heads, L latent
 (kv_lora_rank), R rope dims, S cache slots.
