@@ -1071,6 +1071,11 @@ class DeepseekV3MoE(nn.Module):
         B, T, D = hidden_states.shape
         x_TD = hidden_states.reshape(-1, D)
         token_mask_T = token_mask_BT.reshape(-1) if token_mask_BT is not None else None
+        if post_attention_norm is not None and not (
+            residual is not None and self.routes_after_add_norm(residual, hidden_states, post_attention_norm)
+        ):
+            raise ValueError("DeepseekV3MoE: post_attention_norm is for the decode kernels' path only (see "
+                             "routes_after_add_norm); add and normalize before calling the MoE instead")
         if residual is not None and self._decode_combine(x_TD):
             # decode_kernels: router (2 launches), routed and shared experts (2: the shared experts' S parts of
             # expert width ride along as S more pairs per token; 2 more launches where their weights are not

@@ -300,3 +300,16 @@ def test_traced_expert_combine_equals_the_custom_backward_reference():
         results.append((out.detach(), y.grad, w.grad))
     for traced, reference in zip(*reversed(results)):
         assert relative_max_diff(traced, reference) < 1e-6
+
+
+def test_post_attention_norm_inside_the_moe_is_refused_off_the_decode_kernels_path():
+    # `post_attention_norm` hands the MoE the attention's output un-normalized (the router's pass adds and
+    # normalizes it): only the decode kernels do that, so any other path must refuse rather than skip the norm.
+    layer = random_model(tiny_config(), seed=0).model.layers[1]
+    x, residual = torch.randn(1, 1, layer.mlp.config.hidden_size), torch.randn(1, 1, layer.mlp.config.hidden_size)
+    assert not layer.mlp.routes_after_add_norm(residual, x, layer.post_attention_layernorm)  # CPU: no kernels
+    with torch.no_grad(), pytest.raises(ValueError, match="post_attention_norm"):
+        layer.mlp(x, residual=residual, post_attention_norm=layer.post_attention_layernorm)
+    with torch.no_grad():  # the decoder layer adds and normalizes first
+        out, _ = layer.mlp(layer.post_attention_layernorm(residual + x), residual=residual + x)
+    assert out.shape == x.shape
