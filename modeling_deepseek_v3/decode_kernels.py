@@ -736,19 +736,26 @@ def argmax_rows(x_BV: torch.Tensor) -> torch.Tensor:
     """x_BV [B, V] (last dim contiguous) -> [B] int64: each row's first index of its maximum, as `x.argmax(-1)`,
     in two launches (the maximum of every ARGMAX_BLOCK-wide chunk, then the first chunk holding the row's); torch's
     one-pass reduction over a 129,280-value row spends 34 us on an H200. Rows holding NaN: unspecified."""
-    B, V = x_BV.shape
     if x_BV.stride(-1) != 1:
         raise ValueError(f"argmax_rows: x needs a contiguous last dim; found strides {x_BV.stride()}")
+    maxima, args = _chunk_argmax(x_BV)
+    B, chunks = maxima.shape
+    out = torch.empty(B, dtype=torch.int64, device=x_BV.device)
+    _argmax_of_chunks_kernel[(B,)](maxima, args, out, chunks, BLOCK_C=triton.next_power_of_2(chunks),
+                                   **_launch_options(x_BV), num_warps=1)
+    return out
+
+
+def _chunk_argmax(x_BV: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first pass of `argmax_rows` / `greedy_pick_`: x_BV [B, V] (last dim contiguous) -> (the maximum of every
+    ARGMAX_BLOCK-wide chunk [B, chunks] float32, its first index in the row [B, chunks] int64)."""
+    B, V = x_BV.shape
     chunks = triton.cdiv(V, ARGMAX_BLOCK)
     maxima = torch.empty(B, chunks, dtype=torch.float32, device=x_BV.device)
     args = torch.empty(B, chunks, dtype=torch.int64, device=x_BV.device)
-    out = torch.empty(B, dtype=torch.int64, device=x_BV.device)
-    options = _launch_options(x_BV)
-    _chunk_argmax_kernel[(B, chunks)](x_BV, maxima, args, V, x_BV.stride(0), chunks, BLOCK=ARGMAX_BLOCK, **options,
-                                      num_warps=4)
-    _argmax_of_chunks_kernel[(B,)](maxima, args, out, chunks, BLOCK_C=triton.next_power_of_2(chunks), **options,
-                                   num_warps=1)
-    return out
+    _chunk_argmax_kernel[(B, chunks)](x_BV, maxima, args, V, x_BV.stride(0), chunks, BLOCK=ARGMAX_BLOCK,
+                                      **_launch_options(x_BV), num_warps=4)
+    return maxima, args
 
 
 def decode_prologue(
@@ -817,12 +824,8 @@ def greedy_pick_(logits_BV: torch.Tensor, tokens_BS: torch.Tensor, column_B1: to
     for name, t in (("column", column_B1), ("position", position_B1), ("input", input_B1)):
         if t.numel() != B or not t.is_contiguous():
             raise ValueError(f"greedy_pick_: {name} must be a contiguous [{B}, 1]; found shape {tuple(t.shape)}")
-    chunks = triton.cdiv(V, ARGMAX_BLOCK)
-    maxima = torch.empty(B, chunks, dtype=torch.float32, device=logits_BV.device)
-    args = torch.empty(B, chunks, dtype=torch.int64, device=logits_BV.device)
-    options = _launch_options(logits_BV)
-    _chunk_argmax_kernel[(B, chunks)](logits_BV, maxima, args, V, logits_BV.stride(0), chunks, BLOCK=ARGMAX_BLOCK,
-                                      **options, num_warps=4)
+    maxima, args = _chunk_argmax(logits_BV)
+    chunks = maxima.shape[1]
     if eos is not None:
         eos_ids, unfinished, pad, stopped = eos
         E = eos_ids.numel()
@@ -833,7 +836,7 @@ def greedy_pick_(logits_BV: torch.Tensor, tokens_BS: torch.Tensor, column_B1: to
         maxima, args, tokens_BS, column_B1, mask_BS, position_B1, input_B1, unfinished, pad, eos_ids, stopped,
         B, chunks, E, mask_BS.shape[1], tokens_BS.stride(0), mask_BS.stride(0), HAS_EOS=eos is not None,
         BLOCK_B=triton.next_power_of_2(B), BLOCK_C=triton.next_power_of_2(chunks),
-        BLOCK_E=triton.next_power_of_2(max(E, 1)), **options, num_warps=4,
+        BLOCK_E=triton.next_power_of_2(max(E, 1)), **_launch_options(logits_BV), num_warps=4,
     )
 
 
