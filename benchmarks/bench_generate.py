@@ -14,7 +14,8 @@ it, and prints both with the ratio and the hardware floor. Rows:
   `--generate-tokens` + 1 and 1 new tokens, each the median of `--generate-repeats` calls (a call's host work before
   its first token varies by several ms between calls: short calls and few repeats make this row noisy); ours also
   with a logits processor, `min_new_tokens`, and in transformers' own sampling loop instead of
-  `sample_on_decode_graph`; and the wall time of the first call (warm-up: our graph capture);
+  `sample_on_decode_graph`; the 1-token call's time (the prompt's prefill and generate()'s set-up: the time to the
+  first token); and the wall time of the first call (warm-up: our graph capture);
 - the floor: bytes of the active parameters per token (attention, dense/shared MLPs, K routed experts per MoE
   layer, the LM head) read once, over the device-to-device copy bandwidth measured here.
 
@@ -144,25 +145,27 @@ def measure(model, args, vocab) -> dict:
                                    "(end-of-sequence id): pick another prompt seed")
         return run
 
-    def ms_per_token(**extra):
-        # A call of generate_tokens + 1 tokens against a 1-token call (the prefill and the first token cancel out).
+    def ms_per_token(**extra) -> tuple[float, float]:
+        # A call of generate_tokens + 1 tokens against a 1-token call (the prefill and the first token cancel out)
+        # -> (ms a token, ms of the 1-token call: the prefill and generate()'s own set-up).
         n = args.generate_tokens + 1
         long, short = timed(generate(n, **extra), args.generate_repeats), timed(generate(1), args.generate_repeats)
-        return (long - short) / args.generate_tokens * 1e3
+        return (long - short) / args.generate_tokens * 1e3, short * 1e3
 
     start = time.perf_counter()
     generate(2)()
     torch.cuda.synchronize()
     results["generate_first_call_s"] = time.perf_counter() - start
     captures = getattr(DecodeGraph, "captures", 0)
-    results["generate_b1_static"] = {"ms_per_token": ms_per_token(),
+    per_token, first_token = ms_per_token()
+    results["generate_b1_static"] = {"ms_per_token": per_token, "first_token_ms": first_token,
                                      "graph_captures": getattr(DecodeGraph, "captures", 0) - captures}
     if hasattr(type(model), "_can_sample_on_graph"):
         # Ours with a logits processor (min_new_tokens: the processor, argmax and criteria run between replays),
         # and in transformers' own loop (a host sync per token; each step still replays the graph).
-        results["generate_b1_static_processor"] = {"ms_per_token": ms_per_token(min_new_tokens=args.generate_tokens + 1)}
+        results["generate_b1_static_processor"] = {"ms_per_token": ms_per_token(min_new_tokens=args.generate_tokens + 1)[0]}
         model._can_sample_on_graph = lambda *args: False
-        results["generate_b1_static_transformers_loop"] = {"ms_per_token": ms_per_token()}
+        results["generate_b1_static_transformers_loop"] = {"ms_per_token": ms_per_token()[0]}
         del model._can_sample_on_graph
     for context_len, batch in decode_rows(args):
         context = torch.randint(2, vocab, (batch, context_len), device="cuda", generator=generator)
@@ -278,6 +281,9 @@ def main():
         print(f"{label:<40} {o['generate_b1_static_processor']['ms_per_token']:12.2f}")
         label = "  ours in transformers' loop, ms/tok"
         print(f"{label:<40} {o['generate_b1_static_transformers_loop']['ms_per_token']:12.2f}")
+    label = f"generate() 1 token after {args.context[0]}, ms"
+    ours_first, theirs_first = (r["generate_b1_static"]["first_token_ms"] for r in (o, t))
+    print(f"{label:<40} {ours_first:12.2f} {theirs_first:14.2f} {theirs_first / ours_first:7.2f}x")
     print(f"ours: {o['generate_b1_static']['graph_captures']} graph captures during the timed generate() calls")
     print(f"{'generate() first call (warm-up), s':<40} {o['generate_first_call_s']:12.2f} {t['generate_first_call_s']:14.2f}")
     if 1 in args.batch:

@@ -384,8 +384,9 @@ class DeepseekV3Attention(nn.Module):
         q_nope_BHTn, q_pe_BHTr = torch.split(q_BHTk, [N, R], dim=-1)
         c_kv_BTl, k_pe_BTr = torch.split(latent_BTk, [L, R], dim=-1)
         c_kv_BTl = self.kv_a_layernorm(c_kv_BTl)
-        if _use_training_kernels(self.config, hidden_states):
-            # Both rotations in one launch each way; q_pe as [B*T, H, R] (a view of q_b_proj's output).
+        if _use_fused_kernels(self.config, self, hidden_states):
+            # Both rotations in one launch each way (training_kernels under autograd, else decode_kernels: a prompt's
+            # ~18 small kernels a layer are one); q_pe as [B*T, H, R] (a view of q_b_proj's output).
             # (position_ids [1, T] give angles [1, T, R/2] for every row of the batch.)
             cos_Tr, sin_Tr = (angle.expand(B, T, -1).reshape(B * T, -1) for angle in (cos_BTr, sin_BTr))
             q_pe_THr, k_pe_Tr = rotate_pairs_training(

@@ -600,6 +600,22 @@ def test_decode_kernels_decode_equals_eager_decode(dtype, tolerance, batch):
     assert relative_max_diff(fast, eager) < tolerance
 
 
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_prompt_with_decode_kernels_equals_the_eager_prompt(dtype, tolerance):
+    # A prompt (past MAX_GEMV_TOKENS) under decode_kernels: the RoPE of q_pe and k_pe in one launch
+    # (rotate_pairs_training's forward), norms and the MoE kernels; left padding gives each row its own positions.
+    model = random_model(tiny_config(), seed=9).cuda().to(dtype)
+    ids = torch.randint(2, 512, (2, 40), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    with torch.no_grad():
+        model.config.decode_kernels = True
+        fast = model(ids, attention_mask=mask).logits
+        model.config.decode_kernels = False
+        eager = model(ids, attention_mask=mask).logits
+    assert relative_max_diff(fast[:, 7:], eager[:, 7:]) < tolerance
+
+
 def test_decode_kernels_greedy_tokens_equal_eager_greedy_tokens():
     model = random_model(tiny_config(), seed=8).cuda()
     ids = torch.randint(2, 512, (2, 12), device="cuda")
