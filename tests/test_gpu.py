@@ -608,11 +608,12 @@ def test_prompt_with_decode_kernels_equals_the_eager_prompt(dtype, tolerance):
     ids = torch.randint(2, 512, (2, 40), device="cuda")
     mask = torch.ones_like(ids)
     mask[1, :7] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() counts them: angles [B, T, R/2]
     with torch.no_grad():
         model.config.decode_kernels = True
-        fast = model(ids, attention_mask=mask).logits
+        fast = model(ids, attention_mask=mask, position_ids=positions).logits
         model.config.decode_kernels = False
-        eager = model(ids, attention_mask=mask).logits
+        eager = model(ids, attention_mask=mask, position_ids=positions).logits
     assert relative_max_diff(fast[:, 7:], eager[:, 7:]) < tolerance
 
 
