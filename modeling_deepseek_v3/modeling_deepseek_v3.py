@@ -101,8 +101,8 @@ def _use_training_kernels(config: DeepseekV3Config | None, x: torch.Tensor) -> b
 
 def _use_fused_kernels(config: DeepseekV3Config | None, module: nn.Module, x: torch.Tensor) -> bool:
     """Whether the Triton kernels that serve inference and training alike (the gated activation, the combine of the
-    grouped experts) apply to `x`: under `config.training_kernels` with autograd on, else under
-    `config.decode_kernels` (CUDA inference)."""
+    grouped experts, the RoPE of q_pe and k_pe) apply to `x`: under `config.training_kernels` with autograd on, else
+    under `config.decode_kernels` (CUDA inference)."""
     if torch.is_grad_enabled():
         return _use_training_kernels(config, x)
     return _use_decode_kernels(config, module, x)
