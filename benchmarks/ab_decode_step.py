@@ -22,6 +22,8 @@ token of the random weights after some steps.
   loads mostly wait for the previous kernel;
 - `separate-latent-norm`: the latent norms and k_pe's RoPE as their own launch (`latent_norm_rope`) instead of
   q_a's norm inside q_b_proj's pass and the latent row written by the absorbed query's launch.
+- `separate-moe-combine`: each MoE layer's output summed by its own launch (`moe_combine`) instead of inside the
+  next layer's q_a/kv_a pass (`PendingMoEOutput`).
 
     python benchmarks/ab_decode_step.py --preset deepseek-v3-lite --context 1024 --rounds 2
 """
@@ -77,6 +79,7 @@ VARIANTS = {  # name -> a context manager that applies the variant
     "keys-after-wait": lambda: attention_config(early_keys=False),
     "down-tile-256": lambda: patched(moe_kernels, DOWN_TILE=(8, 256, 4)),
     "separate-latent-norm": lambda: patched(modeling.DeepseekV3Attention, _writes_latent_in_absorb=lambda *a: False),
+    "separate-moe-combine": lambda: patched(modeling, _passes_moe_parts=lambda *args: False),
 }
 
 

@@ -11,7 +11,8 @@ one or two launches, with the same float32 math as the eager reference in `model
 - `linear_pair`: `[x @ W1^T | x @ W2^T]` for a few rows in one launch, float32 accumulation: q_a_proj and
   kv_a_proj_with_mqa share their input, so one pass reads both weights without a concatenated copy of them
   (with one weight: the matrix-vector product of q_b_proj, o_proj and the MLPs' down_proj); with `norm`, the
-  decoder layer's input RMSNorm inside the same pass;
+  decoder layer's input RMSNorm inside the same pass, and with `combine`, the previous MoE layer's output summed
+  there as well;
 - `router_scores` / `noaux_topk`: the `noaux_tc` router: sigmoid of float32 logits, then bias-selected
   group-limited top-k and the normalized, scaled weights of the unbiased scores (one program per token);
 - `silu_gate_up`: `silu(x @ W_gate^T) * (x @ W_up^T)` for a few rows in one pass (dense MLP, shared experts);
@@ -35,9 +36,10 @@ one or two launches, with the same float32 math as the eager reference in `model
   `greedy_pick_`: the same with generate()'s bookkeeping (padding of finished rows, end-of-sequence ids, the token
   appended, the next input) in the second pass.
 
-A MoE decoder layer's decode step on a static cache is then 11 launches (attention 6 with its input norm: q_a/kv_a,
-q_b, absorbed query, split, combine with W_UV, o_proj; MoE 5 with the post-attention add and norm in the router's
-pass and the experts of `moe_kernels.py`) instead of ~110, chained by programmatic dependent launch on Hopper
+A MoE decoder layer's decode step on a static cache is then 10 launches (attention 6 with its input norm: q_a/kv_a,
+q_b, absorbed query, split, combine with W_UV, o_proj; MoE 4 with the post-attention add and norm in the router's
+pass and the experts of `moe_kernels.py`; its output summed in the next layer's q_a/kv_a pass, or in
+`moe_combine` after the last layer) instead of ~110, chained by programmatic dependent launch on Hopper
 (`USE_PDL`). The tiles come from `benchmarks/tune_decode_kernels.py` and `benchmarks/ab_decode_step.py`;
 `tests/test_decode_kernels.py` compiles every kernel for Hopper and runs the loop-free ones in Triton's interpreter
 without a GPU (from Triton 3.9 on also the experts' kernels and `linear_pair` with the norm), `tests/test_gpu.py`
@@ -227,12 +229,41 @@ if triton is not None:
         tl.store(input_ptr + rows, token, mask=row_mask)
 
     @triton.jit
+    def _moe_sum(y_ptr, weight_ptr, shared_ptr, residual_ptr, token, T, cols, mask, stride_y, stride_s, stride_r,
+                 dtype: tl.constexpr, K: tl.constexpr, HAS_SHARED: tl.constexpr, SHARED_PARTS: tl.constexpr,
+                 BLOCK: tl.constexpr):
+        # A MoE layer's output for one token at `cols` (`moe_combine`'s math): `residual + (routed + shared)` with
+        # the eager roundings, as float32 holding values of `dtype`.
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for k in tl.static_range(K):  # in slot order, in float32, as the eager weighted sum
+            w = tl.load(weight_ptr + token * K + k)
+            acc += tl.load(y_ptr + (token * K + k) * stride_y + cols, mask=mask, other=0.0) * w
+        # The eager rounding steps: routed sum -> activation dtype, + shared experts, + residual.
+        out = acc.to(dtype).to(tl.float32)
+        if HAS_SHARED:
+            shared = tl.load(shared_ptr + token * stride_s + cols, mask=mask, other=0.0).to(tl.float32)
+            out = (out + shared).to(dtype).to(tl.float32)
+        if SHARED_PARTS > 0:  # the shared experts' output as float32 parts in y's rows T*K + t*S + s: their sum,
+            shared = tl.zeros((BLOCK,), dtype=tl.float32)  # rounded once as the eager down projection's output
+            for part in tl.static_range(SHARED_PARTS):
+                row = T * K + token * SHARED_PARTS + part
+                shared += tl.load(y_ptr + row * stride_y + cols, mask=mask, other=0.0)
+            shared = shared.to(dtype).to(tl.float32)
+            out = (out + shared).to(dtype).to(tl.float32)
+        residual = tl.load(residual_ptr + token * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+        return (residual + out).to(dtype).to(tl.float32)
+
+    @triton.jit
     def _linear_pair_kernel(
         x_ptr, w1_ptr, w2_ptr, norm_ptr, out_ptr, D, N1, N2,
         stride_xt, stride_w1, stride_w2, stride_ot, eps, residual_ptr, total_ptr, normed_ptr, stride_rt,
-        SIGMOID: tl.constexpr, NORM: tl.constexpr, ADD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        BLOCK_X: tl.constexpr, PDL: tl.constexpr,
+        combine_w_ptr, T,
+        SIGMOID: tl.constexpr, NORM: tl.constexpr, ADD: tl.constexpr, COMBINE: tl.constexpr, K: tl.constexpr,
+        SHARED_PARTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_X: tl.constexpr,
+        PDL: tl.constexpr,
     ):
+        # COMBINE (with NORM): the row is a MoE layer's output, summed here from its parts (`_moe_sum`: x_ptr is
+        # the experts' float32 [T * (K + S), D], combine_w_ptr the routing weights [T, K], residual_ptr the stream).
         if PDL:
             gdc_launch_dependents()
         token = tl.program_id(0).to(tl.int64)
@@ -249,6 +280,7 @@ if triton is not None:
             w_ptr = w1_ptr
             stride_w = stride_w1
         row_mask = rows < n
+        dtype = residual_ptr.dtype.element_ty  # the activations' (residual_ptr is x_ptr without ADD or COMBINE)
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for start in range(0, D, BLOCK_D):
             cols = start + tl.arange(0, BLOCK_D)
@@ -258,12 +290,21 @@ if triton is not None:
                         mask=row_mask[:, None] & col_mask[None, :], other=0.0)
             if PDL:
                 gdc_wait()
-            x = tl.load(x_ptr + token * stride_xt + cols, mask=col_mask, other=0.0).to(tl.float32)
+            if not COMBINE:
+                x = tl.load(x_ptr + token * stride_xt + cols, mask=col_mask, other=0.0).to(tl.float32)
             if NORM:  # RMSNorm of the row first, as `rms_norm` rounds it (the whole row's statistics: recomputed per
                 # step, a read of the row from L2; one step for a hidden size up to BLOCK_D)
-                dtype = x_ptr.dtype.element_ty
                 row = tl.arange(0, BLOCK_X)
-                x_row = tl.load(x_ptr + token * stride_xt + row, mask=row < D, other=0.0).to(tl.float32)
+                if COMBINE:
+                    x_row = _moe_sum(x_ptr, combine_w_ptr, x_ptr, residual_ptr, token, T, row, row < D, stride_xt, 0,
+                                     stride_rt, dtype, K, False, SHARED_PARTS, BLOCK_X)
+                    if BLOCK_D == BLOCK_X:  # one step (D <= BLOCK_D): cols are the row
+                        x = x_row
+                    else:
+                        x = _moe_sum(x_ptr, combine_w_ptr, x_ptr, residual_ptr, token, T, cols, col_mask, stride_xt,
+                                     0, stride_rt, dtype, K, False, SHARED_PARTS, BLOCK_D)
+                else:
+                    x_row = tl.load(x_ptr + token * stride_xt + row, mask=row < D, other=0.0).to(tl.float32)
                 if ADD:  # of residual + x, rounded to the dtype first (`add_rms_norm`)
                     r_row = tl.load(residual_ptr + token * stride_rt + row, mask=row < D, other=0.0).to(tl.float32)
                     x_row = (x_row + r_row).to(dtype).to(tl.float32)
@@ -272,12 +313,13 @@ if triton is not None:
                 inv_rms = tl.rsqrt(tl.sum(x_row * x_row, axis=0) / D + eps)
                 weight = tl.load(norm_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
                 x = ((x * inv_rms).to(dtype).to(tl.float32) * weight).to(dtype).to(tl.float32)
-                if ADD:
-                    if (block == 0) & (start == 0):  # the token's first program writes the sum and the normed row
-                        weight_row = tl.load(norm_ptr + row, mask=row < D, other=0.0).to(tl.float32)
-                        normed = ((x_row * inv_rms).to(dtype).to(tl.float32) * weight_row).to(dtype)
+                if ADD or COMBINE:
+                    if (block == 0) & (start == 0):  # the token's first program writes the sum (and the normed row)
                         tl.store(total_ptr + token * D + row, x_row.to(dtype), mask=row < D)
-                        tl.store(normed_ptr + token * D + row, normed, mask=row < D)
+                        if ADD:
+                            weight_row = tl.load(norm_ptr + row, mask=row < D, other=0.0).to(tl.float32)
+                            normed = ((x_row * inv_rms).to(dtype).to(tl.float32) * weight_row).to(dtype)
+                            tl.store(normed_ptr + token * D + row, normed, mask=row < D)
             acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
         if SIGMOID:
             acc = 1.0 / (1.0 + tl.exp(-acc))
@@ -527,24 +569,9 @@ if triton is not None:
         token = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         mask = cols < D
-        acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        for k in tl.static_range(K):  # in slot order, in float32, as the eager weighted sum
-            w = tl.load(weight_ptr + token * K + k)
-            acc += tl.load(y_ptr + (token * K + k) * stride_y + cols, mask=mask, other=0.0) * w
-        # The eager rounding steps: routed sum -> activation dtype, + shared experts, + residual.
-        out = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
-        if HAS_SHARED:
-            shared = tl.load(shared_ptr + token * stride_s + cols, mask=mask, other=0.0).to(tl.float32)
-            out = (out + shared).to(out_ptr.dtype.element_ty).to(tl.float32)
-        if SHARED_PARTS > 0:  # the shared experts' output as float32 parts in y's rows T*K + t*S + s: their sum,
-            shared = tl.zeros((BLOCK_D,), dtype=tl.float32)  # rounded once as the eager down projection's output
-            for part in tl.static_range(SHARED_PARTS):
-                row = T * K + token * SHARED_PARTS + part
-                shared += tl.load(y_ptr + row * stride_y + cols, mask=mask, other=0.0)
-            shared = shared.to(out_ptr.dtype.element_ty).to(tl.float32)
-            out = (out + shared).to(out_ptr.dtype.element_ty).to(tl.float32)
-        residual = tl.load(residual_ptr + token * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + token * D + cols, (residual + out).to(out_ptr.dtype.element_ty), mask=mask)
+        out = _moe_sum(y_ptr, weight_ptr, shared_ptr, residual_ptr, token, T, cols, mask, stride_y, stride_s, stride_r,
+                       out_ptr.dtype.element_ty, K, HAS_SHARED, SHARED_PARTS, BLOCK_D)
+        tl.store(out_ptr + token * D + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _latent_row(src, kv_norm_ptr, cos_row, sin_row, c_kv_dst, k_pe_dst, inside, L, eps,
@@ -684,7 +711,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def linear_pair(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor | None, sigmoid: bool = False,
                 out_dtype: torch.dtype | None = None, tile: tuple[int, int, int] | None = None,
-                norm: tuple[torch.Tensor, float] | None = None, residual: torch.Tensor | None = None):
+                norm: tuple[torch.Tensor, float] | None = None, residual: torch.Tensor | None = None,
+                combine: tuple[torch.Tensor, int] | None = None):
     """`x` [..., D] (at most MAX_GEMV_TOKENS rows), `w1` [N1, D], `w2` [N2, D] or None (then `x @ w1^T` alone) ->
     `[x @ w1^T | x @ w2^T]` [..., N1 + N2], accumulated in float32 and rounded once to `out_dtype` (default x's
     dtype); `sigmoid` applies the logistic function in float32 first. Reads each weight once per token. `tile`:
@@ -694,7 +722,12 @@ def linear_pair(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor | None, sigm
     of squares may be reduced in another order, which can move a normalized value by one bf16 rounding step).
     With `norm` and `residual` [..., D] (x's shape and dtype): the products are of `rms_norm(residual + x)`, and
     -> (products, residual + x, rms_norm(residual + x)), as `add_rms_norm` computes the last two (the first program
-    of each row writes them): the decoder layer's residual add and post-attention norm inside the router's pass."""
+    of each row writes them): the decoder layer's residual add and post-attention norm inside the router's pass.
+
+    With `norm`, `residual` [..., D] and `combine = (weight_TK [T, K] float32, S)`: x is a MoE layer's experts'
+    output as `moe_combine` takes it (y [T * (K + S), D] float32, T the rows of residual), and the products are of
+    `rms_norm(moe_combine(x, weight_TK, None, residual, S))`, summed inside the pass -> (products, that sum, which
+    the first program of each row writes): the end of a MoE layer inside the next layer's first projection."""
     D = x.shape[-1]
     x_2d = x.reshape(-1, D)
     if x_2d.stride(-1) != 1:
@@ -706,24 +739,46 @@ def linear_pair(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor | None, sigm
     norm_weight, eps = norm if norm is not None else (w1, 0.0)
     if norm is not None and (tuple(norm_weight.shape) != (D,) or not norm_weight.is_contiguous()):
         raise ValueError(f"linear_pair: the norm weight must be a contiguous [{D}]; found {tuple(norm_weight.shape)}")
-    out = torch.empty(*x.shape[:-1], n1 + n2, dtype=out_dtype or x.dtype, device=x.device)
     block_n, block_d, warps = tile or (GEMV_TILE if n1 + n2 >= GEMV_WIDE_ROWS else NARROW_GEMV_TILE)
-    grid = (x_2d.shape[0], triton.cdiv(n1, block_n) + triton.cdiv(n2, block_n))
-    if residual is not None:
+    combine_w, K, S = x_2d, 1, 0
+    if combine is not None:
+        combine_w, S = combine
+        T, K = combine_w.shape
+        if (
+            norm is None or residual is None or residual.shape[-1] != D or residual.numel() != T * D
+            or residual.stride(-1) != 1 or x.dtype != torch.float32 or combine_w.dtype != torch.float32
+            or x_2d.shape[0] != T * (K + S)
+        ):
+            raise ValueError(
+                f"linear_pair: combine needs `norm`, a residual of T={T} rows [..., {D}] with a contiguous last dim, "
+                f"float32 weights [T, K] and x the float32 [T * (K + S), {D}]; found residual "
+                f"{None if residual is None else tuple(residual.shape)}, weights {tuple(combine_w.shape)} "
+                f"{combine_w.dtype}, x {tuple(x.shape)} {x.dtype}, S={S}"
+            )
+        r_2d, combine_w = residual.reshape(-1, D), combine_w.contiguous()
+        out = torch.empty(*residual.shape[:-1], n1 + n2, dtype=out_dtype or residual.dtype, device=x.device)
+        total = normed = torch.empty(residual.shape, dtype=residual.dtype, device=x.device)
+    elif residual is not None:
         r_2d = residual.reshape(-1, D)
         if norm is None or r_2d.shape != x_2d.shape or r_2d.dtype != x.dtype or r_2d.stride(-1) != 1:
             raise ValueError(f"linear_pair: residual needs `norm` and x's shape {tuple(x.shape)} and dtype {x.dtype} "
                              f"with a contiguous last dim; found {tuple(residual.shape)} {residual.dtype}")
+        out = torch.empty(*x.shape[:-1], n1 + n2, dtype=out_dtype or x.dtype, device=x.device)
         total = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         normed = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     else:
+        out = torch.empty(*x.shape[:-1], n1 + n2, dtype=out_dtype or x.dtype, device=x.device)
         r_2d, total, normed = x_2d, out, out
+    grid = (r_2d.shape[0], triton.cdiv(n1, block_n) + triton.cdiv(n2, block_n))
     _linear_pair_kernel[grid](
         x_2d, w1, w2, norm_weight, out, D, n1, n2, x_2d.stride(0), w1.stride(0), w2.stride(0), n1 + n2, float(eps),
-        r_2d, total, normed, r_2d.stride(0),
-        SIGMOID=sigmoid, NORM=norm is not None, ADD=residual is not None, BLOCK_N=block_n, BLOCK_D=block_d,
+        r_2d, total, normed, r_2d.stride(0), combine_w, r_2d.shape[0],
+        SIGMOID=sigmoid, NORM=norm is not None, ADD=residual is not None and combine is None,
+        COMBINE=combine is not None, K=K, SHARED_PARTS=S, BLOCK_N=block_n, BLOCK_D=block_d,
         BLOCK_X=triton.next_power_of_2(D) if norm is not None else 16, **_launch_options(x_2d), num_warps=warps,
     )
+    if combine is not None:
+        return out, total
     if residual is not None:
         return out, total, normed
     return out

@@ -355,7 +355,7 @@ class DeepseekV3Attention(nn.Module):
 
     def forward(
         self,
-        hidden_states: torch.Tensor,
+        hidden_states: "torch.Tensor | PendingMoEOutput",
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_bias: torch.Tensor | None,
         past_key_values: Cache | None = None,
@@ -366,7 +366,8 @@ class DeepseekV3Attention(nn.Module):
         None: no masking for one new token, causal only for a prompt (T > 1, no past). Appends this step's
         (c_kv, k_pe) to `past_key_values`. Returns [B, T, D]. `input_norm = (weight, eps)`: hidden_states are
         the decoder layer's input before its RMSNorm, which the decode kernels apply inside the a-projection
-        kernel; only where `fuses_input_norm` holds."""
+        kernel; only where `fuses_input_norm` holds. With `input_norm`, hidden_states may be the previous MoE layer's
+        `PendingMoEOutput`, summed in the same kernel (see `DeepseekV3DecoderLayer`)."""
         B, T, _ = hidden_states.shape
         H, N, R, L = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
         cos_BTr, sin_BTr = position_embeddings
@@ -460,10 +461,14 @@ class DeepseekV3Attention(nn.Module):
         B, T, _ = hidden_states.shape
         H, N, R = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim
         cos_Tr, sin_Tr = (angle.expand(B, T, -1).reshape(B * T, -1) for angle in position_embeddings)
-        projected_BTk = linear_pair(hidden_states, self.q_a_proj.weight, self.kv_a_proj_with_mqa.weight,
-                                    norm=input_norm)
+        if isinstance(hidden_states, PendingMoEOutput):  # the previous MoE layer's sum inside the same pass
+            projected_BTk = hidden_states.normed_products(self.q_a_proj.weight, self.kv_a_proj_with_mqa.weight,
+                                                          input_norm)
+        else:
+            projected_BTk = linear_pair(hidden_states, self.q_a_proj.weight, self.kv_a_proj_with_mqa.weight,
+                                        norm=input_norm)
         norms = (self.q_a_layernorm.weight, self.kv_a_layernorm.weight, self.kv_a_layernorm.variance_epsilon)
-        layer = _writable_static_layer(past_key_values, self.layer_idx, hidden_states)
+        layer = _writable_static_layer(past_key_values, self.layer_idx, projected_BTk)
         absorbed = self._absorbs_one_token(use_absorbed, T, attention_bias)
         q = latent = None
         if layer is not None:
@@ -1043,6 +1048,36 @@ def sequence_balance_loss(
     return alpha * (per_sequence_B * has_tokens_B).sum() / has_tokens_B.sum().clamp(min=1)
 
 
+class PendingMoEOutput:
+    """A MoE layer's decode-step output left in its parts, for the next decoder layer's first kernel to sum: the
+    experts' float32 outputs y_PD [T * (K + S), D] (K routed pairs, then S shared parts per token), the routing
+    weights [T, K] and the residual stream [B, T, D]. `moe_combine(y_PD, weight_TK, None, residual, S)` is the
+    output; `linear_pair(..., combine=)` computes it inside the q_a/kv_a pass with the layer's input norm (one
+    launch less a MoE layer). Only `DeepseekV3Model`'s layer loop makes one, for a next layer that takes it
+    (`DeepseekV3DecoderLayer.takes_pending_input`); `materialize()` sums it for any other reader."""
+
+    def __init__(self, y_PD: torch.Tensor, weight_TK: torch.Tensor, residual: torch.Tensor, shared_parts: int):
+        self.y_PD, self.weight_TK, self.residual, self.shared_parts = y_PD, weight_TK, residual, shared_parts
+        self.summed = None  # the output [B, T, D], once a kernel has summed it
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.residual.shape
+
+    def materialize(self) -> torch.Tensor:
+        if self.summed is None:
+            D = self.residual.shape[-1]
+            self.summed = moe_combine(self.y_PD, self.weight_TK, None, self.residual.reshape(-1, D),
+                                      self.shared_parts).view(self.residual.shape)
+        return self.summed
+
+    def normed_products(self, w1: torch.Tensor, w2: torch.Tensor | None, norm: tuple[torch.Tensor, float]):
+        """`linear_pair(rms_norm(output), w1, w2)` in one launch that also writes the output (`summed`)."""
+        products, self.summed = linear_pair(self.y_PD, w1, w2, norm=norm, residual=self.residual,
+                                            combine=(self.weight_TK, self.shared_parts))
+        return products
+
+
 class DeepseekV3MoE(nn.Module):
     """DeepSeekMoE: `y = x_shared + sum_k g_k * expert_k(x)` over the K routed experts of each token."""
 
@@ -1060,7 +1095,8 @@ class DeepseekV3MoE(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, token_mask_BT: torch.Tensor | None = None,
         residual: torch.Tensor | None = None, post_attention_norm: nn.Module | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        defer_combine: bool = False,
+    ) -> tuple[torch.Tensor | PendingMoEOutput, torch.Tensor | None]:
         """hidden_states [B, T, D], token_mask_BT [B, T] (1 = real token; padding is routed but not counted in the
         expert load nor in the balance loss), residual [B, T, D] or None (added to the output: the decoder layer's
         residual stream, summed inside the combine kernel at decode sizes) -> (output [B, T, D], sequence balance
@@ -1068,7 +1104,9 @@ class DeepseekV3MoE(nn.Module):
 
         With `post_attention_norm` (only where `routes_after_add_norm`), hidden_states is the attention's output and
         residual the stream before it: the input is `post_attention_norm(residual + hidden_states)` and the output
-        adds `residual + hidden_states`, both computed inside the router's pass."""
+        adds `residual + hidden_states`, both computed inside the router's pass. `defer_combine`: on the decode
+        kernels' path with the shared experts inside the experts' kernels (or none), the output is returned as a
+        `PendingMoEOutput` (the caller's next kernel sums it)."""
         B, T, D = hidden_states.shape
         x_TD = hidden_states.reshape(-1, D)
         token_mask_T = token_mask_BT.reshape(-1) if token_mask_BT is not None else None
@@ -1088,9 +1126,11 @@ class DeepseekV3MoE(nn.Module):
                 hidden_states = x_TD.view(B, T, D)
             else:
                 topk_idx, topk_weight, _ = self.gate(x_TD, token_mask_T)
-            if self._shared_in_expert_kernels(x_TD):
+            if self.shared_experts is None or self._shared_in_expert_kernels(x_TD):
                 y_PD = self.experts._triton_pairs(x_TD, topk_idx, self.shared_experts)
-                parts = self.config.n_shared_experts
+                parts = self.config.n_shared_experts if self.shared_experts is not None else 0
+                if defer_combine:
+                    return PendingMoEOutput(y_PD, topk_weight, residual.reshape(B, T, D), parts), None
                 return moe_combine(y_PD, topk_weight, None, residual.reshape(-1, D), parts).view(B, T, D), None
             y_PD = self.experts._triton_pairs(x_TD, topk_idx)
             shared = self.shared_experts(hidden_states).reshape(-1, D) if self.shared_experts is not None else None
@@ -1176,18 +1216,29 @@ class DeepseekV3DecoderLayer(GradientCheckpointingLayer):
 
     def forward(
         self,
-        hidden_states: torch.Tensor,
+        hidden_states: torch.Tensor | PendingMoEOutput,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_bias: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
         use_absorbed: bool = False,
         token_mask: torch.Tensor | None = None,
+        defer_moe_combine: bool = False,
         **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor | PendingMoEOutput, torch.Tensor | None]:
         """[B, T, D] -> ([B, T, D], balance loss of this layer or None). `token_mask` [B, T] (1 = real token) keeps
-        padding out of the MoE's load counts and balance loss."""
-        residual = hidden_states
+        padding out of the MoE's load counts and balance loss. On the decode kernels' path, the input may be the
+        previous MoE layer's `PendingMoEOutput` (summed inside this layer's first kernel where
+        `takes_pending_input` holds), and with `defer_moe_combine` this MoE layer's output may be one."""
         norm = self.input_layernorm
+        if isinstance(hidden_states, PendingMoEOutput):
+            if self.takes_pending_input(hidden_states.residual):
+                # decode kernels: the previous layer's MoE sum and this layer's input norm inside the first kernel
+                pending = hidden_states
+                hidden_states = self.self_attn(pending, position_embeddings, attention_bias, past_key_values,
+                                               use_absorbed, input_norm=(norm.weight, norm.variance_epsilon))
+                return self._feed_forward(pending.summed, hidden_states, token_mask, defer_moe_combine)
+            hidden_states = hidden_states.materialize()
+        residual = hidden_states
         if self.self_attn.fuses_input_norm(hidden_states, norm):  # decode kernels: the norm inside the first one
             hidden_states = self.self_attn(hidden_states, position_embeddings, attention_bias, past_key_values,
                                            use_absorbed, input_norm=(norm.weight, norm.variance_epsilon))
@@ -1195,10 +1246,21 @@ class DeepseekV3DecoderLayer(GradientCheckpointingLayer):
             hidden_states = self.self_attn(
                 norm(hidden_states), position_embeddings, attention_bias, past_key_values, use_absorbed
             )
+        return self._feed_forward(residual, hidden_states, token_mask, defer_moe_combine)
+
+    def takes_pending_input(self, x: torch.Tensor) -> bool:
+        """Whether `forward` sums a `PendingMoEOutput` shaped as x (its residual) inside its first kernel: the
+        attention takes the decode kernels' path with this layer's input norm inside (`fuses_input_norm`)."""
+        return self.self_attn.fuses_input_norm(x, self.input_layernorm)
+
+    def _feed_forward(self, residual, hidden_states, token_mask, defer_moe_combine):
+        # The attention's output `hidden_states` added to the stream `residual`, then the post-attention norm and
+        # the MLP or MoE, whose output is added as well.
         norm = self.post_attention_layernorm
         if isinstance(self.mlp, DeepseekV3MoE) and self.mlp.routes_after_add_norm(residual, hidden_states, norm):
             # decode_kernels: the residual add and the norm inside the router's pass.
-            return self.mlp(hidden_states, token_mask, residual=residual, post_attention_norm=norm)
+            return self.mlp(hidden_states, token_mask, residual=residual, post_attention_norm=norm,
+                            defer_combine=defer_moe_combine)
         if _use_decode_kernels(norm.config, norm, hidden_states) and _plain_norm(norm, hidden_states) and (
             hidden_states.numel() <= MAX_GEMV_TOKENS * hidden_states.shape[-1] and residual.stride(-1) == 1
         ):
@@ -1208,7 +1270,7 @@ class DeepseekV3DecoderLayer(GradientCheckpointingLayer):
             residual = residual + hidden_states
             normed = norm(residual)
         if isinstance(self.mlp, DeepseekV3MoE):
-            return self.mlp(normed, token_mask, residual=residual)
+            return self.mlp(normed, token_mask, residual=residual, defer_combine=defer_moe_combine)
         return residual + self.mlp(normed), None
 
 
@@ -1612,7 +1674,8 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         token_mask = attention_mask[:, -T:] if attention_mask is not None and attention_mask.dim() == 2 else None
         hidden_states = inputs_embeds
         aux_loss = None
-        for layer in self.layers[: self.config.num_hidden_layers]:
+        layers = self.layers[: self.config.num_hidden_layers]
+        for i, layer in enumerate(layers):
             hidden_states, layer_aux = layer(
                 hidden_states,
                 position_embeddings,
@@ -1620,6 +1683,7 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
                 past_key_values=past_key_values,
                 use_absorbed=use_absorbed,
                 token_mask=token_mask,
+                defer_moe_combine=i + 1 < len(layers) and _passes_moe_parts(layer, layers[i + 1], hidden_states),
             )
             if layer_aux is not None:
                 aux_loss = layer_aux if aux_loss is None else aux_loss + layer_aux
@@ -1649,6 +1713,21 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
             input_ids.long().contiguous(), embed.weight, position_ids.long().contiguous(), self.rotary_emb.inv_freq,
             self.rotary_emb.attention_scaling, attention_mask, cache.get_seq_length(),
         )
+
+
+def _passes_moe_parts(layer: nn.Module, next_layer: nn.Module, x: "torch.Tensor | PendingMoEOutput") -> bool:
+    """Whether `layer` may hand its MoE output to `next_layer` as a `PendingMoEOutput` (x: the layer's input, of
+    the output's shape): a decode step (a few tokens) through plain decoder layers with no hooks (a hook would see
+    the parts, not the output), the next one summing it inside its first kernel."""
+    x = x.residual if isinstance(x, PendingMoEOutput) else x
+    return (
+        x.numel() <= MAX_GEMV_TOKENS * x.shape[-1]
+        and type(layer) is DeepseekV3DecoderLayer and type(next_layer) is DeepseekV3DecoderLayer
+        and isinstance(layer.mlp, DeepseekV3MoE)
+        and not any(m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook")
+                    for m in (layer, next_layer, next_layer.self_attn))
+        and next_layer.takes_pending_input(x)
+    )
 
 
 def positions_from_mask(attention_mask: torch.Tensor | None, cache_position: torch.Tensor, batch_size: int):

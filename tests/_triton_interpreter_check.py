@@ -214,6 +214,17 @@ def check_decode_experts_with_shared_parts():
             assert torch.equal(total, total_ref) and relative_max_diff(normed, normed_ref) < tolerance
             assert torch.equal(scores, kernels.linear_pair(normed, w1, None, sigmoid=True, out_dtype=torch.float32,
                                                            tile=tile))
+            # With a MoE layer's parts (the next layer's a-projections summing the previous layer's output):
+            # moe_combine's sum, then the pair of its normed row, for K routed pairs and S shared parts per row.
+            for S in (0, 2):
+                y = torch.randn(2 * (3 + S), 96)
+                routing = torch.rand(2, 3)
+                products, summed = kernels.linear_pair(y, w1, w2, tile=tile, norm=(norm.weight, norm.variance_epsilon),
+                                                       residual=residual, combine=(routing, S))
+                combined = kernels.moe_combine(y, routing, None, residual.view(2, 96), shared_parts=S).view(2, 1, 96)
+                assert summed.shape == residual.shape and torch.equal(summed, combined)
+                assert torch.equal(products, kernels.linear_pair(combined, w1, w2, tile=tile,
+                                                                 norm=(norm.weight, norm.variance_epsilon)))
 
     check_absorbed_attention()
     check_noaux_topk()

@@ -101,6 +101,8 @@ def test_triton_kernels_compile_for_hopper_without_a_gpu(monkeypatch):
     decode_kernels.add_rms_norm(t(1, 1, 2048), t(1, 1, 2048), t(2048), 1e-6)
     decode_kernels.linear_pair(t(1, 2048), t(1536, 2048), t(576, 2048))
     decode_kernels.linear_pair(t(1, 2048), t(1536, 2048), t(576, 2048), norm=(t(2048), 1e-6))  # + the input norm
+    decode_kernels.linear_pair(torch.randn(8, 2048), t(1536, 2048), t(576, 2048), norm=(t(2048), 1e-6),
+                               residual=t(1, 1, 2048), combine=(torch.rand(1, 6), 2))  # + the MoE layer's sum
     decode_kernels.router_scores(t(1, 2048), t(64, 2048))
     decode_kernels.router_scores(t(1, 2048), t(64, 2048), add_norm=(t(1, 2048), t(2048), 1e-6))  # + add, norm
     decode_kernels.silu_gate_up(t(1, 2048), t(2816, 2048), t(2816, 2048))

@@ -600,6 +600,39 @@ def test_decode_kernels_decode_equals_eager_decode(dtype, tolerance, batch):
     assert relative_max_diff(fast, eager) < tolerance
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_output_summed_inside_the_next_layer_equals_its_own_combine(monkeypatch, dtype):
+    # A decode step hands each MoE layer's output to the next layer as its parts (PendingMoEOutput), summed inside
+    # the q_a/kv_a pass with the input norm: the same bits as moe_combine's launch, then the pass, and the eager path.
+    from transformers import StaticCache
+
+    from modeling_deepseek_v3 import modeling_deepseek_v3 as modeling
+
+    model = random_model(tiny_config(num_hidden_layers=4), seed=10).cuda().to(dtype)  # 3 MoE layers: 2 hand-overs
+    model.config.cuda_graph_decode = False  # count the eager step's calls
+    ids = torch.randint(2, 512, (3, 14), device="cuda")
+    sums = []
+    normed_products = modeling.PendingMoEOutput.normed_products
+    monkeypatch.setattr(modeling.PendingMoEOutput, "normed_products",
+                        lambda self, *args: sums.append(self) or normed_products(self, *args))
+    with torch.no_grad():
+        folded = teacher_forced_logits(model, ids, StaticCache(config=model.config, max_cache_len=16))
+        assert len(sums) == 2 * 6, "each of the 6 one-token steps: two MoE outputs summed in the next layer"
+        model.config.cuda_graph_decode = True
+        graphed = teacher_forced_logits(model, ids, StaticCache(config=model.config, max_cache_len=16))
+        assert model.__dict__.get("_decode_graphs") and len(sums) > 2 * 6  # captured with the hand-overs
+        monkeypatch.setattr(modeling, "_passes_moe_parts", lambda *args: False)
+        count = len(sums)
+        graphed_separate = teacher_forced_logits(model, ids, StaticCache(config=model.config, max_cache_len=16))
+        model.config.cuda_graph_decode = False
+        separate = teacher_forced_logits(model, ids, StaticCache(config=model.config, max_cache_len=16))
+        assert len(sums) == count
+        model.config.decode_kernels = False
+        eager = teacher_forced_logits(model, ids, StaticCache(config=model.config, max_cache_len=16))
+    assert torch.equal(folded, separate) and torch.equal(graphed, graphed_separate)
+    assert relative_max_diff(folded, eager) < (1e-4 if dtype == torch.float32 else 3e-2)
+
+
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
 def test_prompt_with_decode_kernels_equals_the_eager_prompt(dtype, tolerance):
     # A prompt (past MAX_GEMV_TOKENS) under decode_kernels: the RoPE of q_pe and k_pe in one launch
