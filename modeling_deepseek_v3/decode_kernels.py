@@ -559,18 +559,22 @@ if triton is not None:
 
     @triton.jit
     def _moe_combine_kernel(
-        y_ptr, weight_ptr, shared_ptr, residual_ptr, out_ptr, T, D, stride_y, stride_s, stride_r,
-        K: tl.constexpr, HAS_SHARED: tl.constexpr, SHARED_PARTS: tl.constexpr, BLOCK_D: tl.constexpr,
-        PDL: tl.constexpr,
+        y_ptr, weight_ptr, shared_ptr, residual_ptr, out_ptr, T, D, stride_y, stride_s, stride_r, norm_ptr, eps,
+        K: tl.constexpr, HAS_SHARED: tl.constexpr, SHARED_PARTS: tl.constexpr, NORM: tl.constexpr,
+        BLOCK_D: tl.constexpr, PDL: tl.constexpr,
     ):
+        # NORM: the RMSNorm of the output instead (one program holds the whole row), as `rms_norm` computes it.
         if PDL:
             gdc_launch_dependents()
             gdc_wait()
         token = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         mask = cols < D
+        dtype = residual_ptr.dtype.element_ty
         out = _moe_sum(y_ptr, weight_ptr, shared_ptr, residual_ptr, token, T, cols, mask, stride_y, stride_s, stride_r,
-                       out_ptr.dtype.element_ty, K, HAS_SHARED, SHARED_PARTS, BLOCK_D)
+                       dtype, K, HAS_SHARED, SHARED_PARTS, BLOCK_D)
+        if NORM:
+            out = _rms_norm_row(out, norm_ptr, cols, mask, D, eps, dtype)
         tl.store(out_ptr + token * D + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
@@ -1103,29 +1107,38 @@ def add_rms_norm(
 
 
 def moe_combine(y_PD: torch.Tensor, weight_TK: torch.Tensor, shared_TD: torch.Tensor | None,
-                residual_TD: torch.Tensor, shared_parts: int = 0) -> torch.Tensor:
+                residual_TD: torch.Tensor, shared_parts: int = 0,
+                norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
     """The end of a MoE layer for a few tokens in one pass: `residual + ((sum_k w_k * y_k) + shared)`, with the
     eager path's roundings (the float32 routed sum to the activation dtype, then each add).
 
     y_PD [T * K, D] float32 (each (token, slot) pair's expert output, token-major), weight_TK [T, K] float32,
     shared_TD [T, D] or None, residual_TD [T, D] (the activation dtype) -> [T, D] in residual's dtype. With
     `shared_parts` S > 0 (no shared_TD), y_PD holds T * S more rows, the shared experts' output in S float32 parts
-    per token (as `moe_kernels.expert_down` appends them), summed and rounded here."""
+    per token (as `moe_kernels.expert_down` appends them), summed and rounded here. `norm = (weight [D], eps)`:
+    -> `rms_norm(output, weight, eps)` instead (the model's final norm after its last layer), as `rms_norm`
+    computes it."""
     T, K = weight_TK.shape
     D = y_PD.shape[-1]
     if shared_parts and (shared_TD is not None or y_PD.shape[0] != T * (K + shared_parts)):
         raise ValueError(f"moe_combine: shared_parts={shared_parts} needs y [T*(K+S), D] = [{T * (K + shared_parts)},"
                          f" {D}] and no shared_TD; found y {tuple(y_PD.shape)}")
-    out = torch.empty(T, D, dtype=residual_TD.dtype, device=residual_TD.device)
+    norm_weight, eps = norm if norm is not None else (residual_TD, 0.0)
+    if norm is not None and (tuple(norm_weight.shape) != (D,) or not norm_weight.is_contiguous()):
+        raise ValueError(f"moe_combine: the norm weight must be a contiguous [{D}]; found {tuple(norm_weight.shape)}")
+    dtype = torch.result_type(norm_weight, residual_TD) if norm is not None else residual_TD.dtype
+    out = torch.empty(T, D, dtype=dtype, device=residual_TD.device)
     shared_arg = shared_TD if shared_TD is not None else residual_TD
     for name, t in (("y_PD", y_PD), ("shared_TD", shared_arg), ("residual_TD", residual_TD)):
         if t.stride(-1) != 1:
             raise ValueError(f"moe_combine: {name} needs a contiguous last dim")
-    block = 256
+    # With the norm, one program a row with rms_norm's block and warps (its sum of squares in the same order).
+    block = triton.next_power_of_2(D) if norm is not None else 256
+    warps = min(16, max(1, block // 256)) if norm is not None else 2
     _moe_combine_kernel[(T, triton.cdiv(D, block))](
         y_PD, weight_TK.contiguous(), shared_arg, residual_TD, out, T, D, y_PD.stride(0), shared_arg.stride(0),
-        residual_TD.stride(0), K=K, HAS_SHARED=shared_TD is not None, SHARED_PARTS=shared_parts, BLOCK_D=block,
-        **_launch_options(y_PD), num_warps=2,
+        residual_TD.stride(0), norm_weight, float(eps), K=K, HAS_SHARED=shared_TD is not None,
+        SHARED_PARTS=shared_parts, NORM=norm is not None, BLOCK_D=block, **_launch_options(y_PD), num_warps=warps,
     )
     return out
 

@@ -1053,8 +1053,9 @@ class PendingMoEOutput:
     experts' float32 outputs y_PD [T * (K + S), D] (K routed pairs, then S shared parts per token), the routing
     weights [T, K] and the residual stream [B, T, D]. `moe_combine(y_PD, weight_TK, None, residual, S)` is the
     output; `linear_pair(..., combine=)` computes it inside the q_a/kv_a pass with the layer's input norm (one
-    launch less a MoE layer). Only `DeepseekV3Model`'s layer loop makes one, for a next layer that takes it
-    (`DeepseekV3DecoderLayer.takes_pending_input`); `materialize()` sums it for any other reader."""
+    launch less a MoE layer), and after the last layer `moe_combine(..., norm=)` applies the final norm with it.
+    Only `DeepseekV3Model`'s layer loop makes one, for a reader that takes it (`_passes_moe_parts`);
+    `materialize()` sums it for any other."""
 
     def __init__(self, y_PD: torch.Tensor, weight_TK: torch.Tensor, residual: torch.Tensor, shared_parts: int):
         self.y_PD, self.weight_TK, self.residual, self.shared_parts = y_PD, weight_TK, residual, shared_parts
@@ -1070,6 +1071,12 @@ class PendingMoEOutput:
             self.summed = moe_combine(self.y_PD, self.weight_TK, None, self.residual.reshape(-1, D),
                                       self.shared_parts).view(self.residual.shape)
         return self.summed
+
+    def normed(self, norm: tuple[torch.Tensor, float]) -> torch.Tensor:
+        """`rms_norm(output)` in one launch (the model's final norm after its last layer; the output is not kept)."""
+        D = self.residual.shape[-1]
+        return moe_combine(self.y_PD, self.weight_TK, None, self.residual.reshape(-1, D), self.shared_parts,
+                           norm=norm).view(self.residual.shape)
 
     def normed_products(self, w1: torch.Tensor, w2: torch.Tensor | None, norm: tuple[torch.Tensor, float]):
         """`linear_pair(rms_norm(output), w1, w2)` in one launch that also writes the output (`summed`)."""
@@ -1683,12 +1690,17 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
                 past_key_values=past_key_values,
                 use_absorbed=use_absorbed,
                 token_mask=token_mask,
-                defer_moe_combine=i + 1 < len(layers) and _passes_moe_parts(layer, layers[i + 1], hidden_states),
+                defer_moe_combine=_passes_moe_parts(layer, layers[i + 1] if i + 1 < len(layers) else self.norm,
+                                                    hidden_states),
             )
             if layer_aux is not None:
                 aux_loss = layer_aux if aux_loss is None else aux_loss + layer_aux
+        if isinstance(hidden_states, PendingMoEOutput):  # decode kernels: the last MoE sum inside the final norm
+            last_hidden_state = hidden_states.normed((self.norm.weight, self.norm.variance_epsilon))
+        else:
+            last_hidden_state = self.norm(hidden_states)
         return DeepseekV3ModelOutputWithPast(
-            last_hidden_state=self.norm(hidden_states), aux_loss=aux_loss, **{CACHE_FIELD: past_key_values}
+            last_hidden_state=last_hidden_state, aux_loss=aux_loss, **{CACHE_FIELD: past_key_values}
         )
 
     def _decode_prologue(self, input_ids, attention_mask, position_ids, cache, use_cache):
@@ -1715,18 +1727,26 @@ class DeepseekV3Model(DeepseekV3PreTrainedModel):
         )
 
 
-def _passes_moe_parts(layer: nn.Module, next_layer: nn.Module, x: "torch.Tensor | PendingMoEOutput") -> bool:
-    """Whether `layer` may hand its MoE output to `next_layer` as a `PendingMoEOutput` (x: the layer's input, of
-    the output's shape): a decode step (a few tokens) through plain decoder layers with no hooks (a hook would see
-    the parts, not the output), the next one summing it inside its first kernel."""
+def _passes_moe_parts(layer: nn.Module, reader: nn.Module, x: "torch.Tensor | PendingMoEOutput") -> bool:
+    """Whether `layer` may hand its MoE output as a `PendingMoEOutput` (x: the layer's input, of the output's shape)
+    to `reader`, the next decoder layer (which sums it inside its first kernel) or the model's final norm (which
+    applies itself in the sum's launch): a decode step (a few tokens) through plain modules with no hooks (a hook
+    would see the parts, not the output)."""
     x = x.residual if isinstance(x, PendingMoEOutput) else x
-    return (
+    if not (
         x.numel() <= MAX_GEMV_TOKENS * x.shape[-1]
-        and type(layer) is DeepseekV3DecoderLayer and type(next_layer) is DeepseekV3DecoderLayer
+        and type(layer) is DeepseekV3DecoderLayer
         and isinstance(layer.mlp, DeepseekV3MoE)
-        and not any(m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook")
-                    for m in (layer, next_layer, next_layer.self_attn))
-        and next_layer.takes_pending_input(x)
+        and not any(m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook") for m in (layer, reader))
+    ):
+        return False
+    if type(reader) is DeepseekV3RMSNorm:
+        return _use_decode_kernels(reader.config, reader, x) and _plain_norm(reader, x)
+    return (
+        type(reader) is DeepseekV3DecoderLayer
+        and not (reader.self_attn._forward_hooks or reader.self_attn._forward_pre_hooks
+                 or hasattr(reader.self_attn, "_hf_hook"))
+        and reader.takes_pending_input(x)
     )
 
 

@@ -95,6 +95,10 @@ def main():
     shared, residual = torch.randn(3, 64), torch.randn(3, 64)
     combined = residual + ((y * weight.reshape(-1, 1)).view(3, 4, 64).sum(1) + shared)
     assert relative_max_diff(kernels.moe_combine(y, weight, shared, residual), combined) < TOLERANCE
+    # With the final norm in the same launch: rms_norm of the sum, bit for bit.
+    summed = kernels.moe_combine(y, weight, None, residual)
+    assert torch.equal(kernels.moe_combine(y, weight, None, residual, norm=(norm.weight, 1e-6)),
+                       kernels.rms_norm(summed, norm.weight, 1e-6))
     # Training RMSNorm: forward and backward against the eager module's autograd (a strided input, as the c_kv
     # slice of kv_a_proj's output), and what it keeps for backward.
     from modeling_deepseek_v3.training_kernels import rms_norm_training

@@ -134,6 +134,7 @@ def test_triton_kernels_compile_for_hopper_without_a_gpu(monkeypatch):
                                        shared_up=t(2816, 2048))  # with the shared experts as 2 more pairs
     y = moe_kernels.expert_down(h, t(64, 2048, 1408), experts, shared_down=t(2048, 2816))
     decode_kernels.moe_combine(y, torch.rand(1, 6), None, t(1, 2048), shared_parts=2)
+    decode_kernels.moe_combine(y, torch.rand(1, 6), None, t(1, 2048), shared_parts=2, norm=(t(2048), 1e-6))
     x = t(8, 2048).requires_grad_()
     rms_norm_training(x, t(2048).requires_grad_(), 1e-6).backward(t(8, 2048))  # the training kernels, both ways
     gate_up = t(8, 2816).requires_grad_()

@@ -603,7 +603,8 @@ def test_decode_kernels_decode_equals_eager_decode(dtype, tolerance, batch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_moe_output_summed_inside_the_next_layer_equals_its_own_combine(monkeypatch, dtype):
     # A decode step hands each MoE layer's output to the next layer as its parts (PendingMoEOutput), summed inside
-    # the q_a/kv_a pass with the input norm: the same bits as moe_combine's launch, then the pass, and the eager path.
+    # the q_a/kv_a pass with the input norm (the last one inside the final norm's launch): the same bits as
+    # moe_combine's launch, then the pass or the norm, and the eager path.
     from transformers import StaticCache
 
     from modeling_deepseek_v3 import modeling_deepseek_v3 as modeling
@@ -611,13 +612,15 @@ def test_moe_output_summed_inside_the_next_layer_equals_its_own_combine(monkeypa
     model = random_model(tiny_config(num_hidden_layers=4), seed=10).cuda().to(dtype)  # 3 MoE layers: 2 hand-overs
     model.config.cuda_graph_decode = False  # count the eager step's calls
     ids = torch.randint(2, 512, (3, 14), device="cuda")
-    sums = []
-    normed_products = modeling.PendingMoEOutput.normed_products
+    sums, final = [], []
+    normed_products, normed = modeling.PendingMoEOutput.normed_products, modeling.PendingMoEOutput.normed
     monkeypatch.setattr(modeling.PendingMoEOutput, "normed_products",
                         lambda self, *args: sums.append(self) or normed_products(self, *args))
+    monkeypatch.setattr(modeling.PendingMoEOutput, "normed", lambda self, *args: final.append(self) or normed(self, *args))
     with torch.no_grad():
         folded = teacher_forced_logits(model, ids, StaticCache(config=model.config, max_cache_len=16))
         assert len(sums) == 2 * 6, "each of the 6 one-token steps: two MoE outputs summed in the next layer"
+        assert len(final) == 6, "and the last one inside the final norm"
         model.config.cuda_graph_decode = True
         graphed = teacher_forced_logits(model, ids, StaticCache(config=model.config, max_cache_len=16))
         assert model.__dict__.get("_decode_graphs") and len(sums) > 2 * 6  # captured with the hand-overs
