@@ -197,9 +197,9 @@ if triton is not None:
     @triton.jit
     def _greedy_pick_kernel(
         max_ptr, arg_ptr, tokens_ptr, column_ptr, mask_ptr, position_ptr, input_ptr, unfinished_ptr, pad_ptr,
-        eos_ptr, stopped_ptr, B, CHUNKS, E, S, stride_tb, stride_mb,
-        HAS_EOS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr,
-        PDL: tl.constexpr,
+        eos_ptr, stopped_ptr, log_ptr, B, CHUNKS, E, S, stride_tb, stride_mb,
+        HAS_EOS: tl.constexpr, LOG: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+        BLOCK_E: tl.constexpr, PDL: tl.constexpr,
     ):
         # One program for all rows: `stopped` needs every row's state after this step.
         if PDL:
@@ -220,9 +220,12 @@ if triton is not None:
             ended = tl.max((token[:, None] == eos[None, :]).to(tl.int64), axis=1)
             unfinished = unfinished * (1 - ended)
             tl.store(unfinished_ptr + rows, unfinished, mask=row_mask)
-            tl.store(stopped_ptr, tl.max(unfinished, axis=0) == 0)
+            stopped = tl.max(unfinished, axis=0) == 0
+            tl.store(stopped_ptr, stopped)
         column = tl.load(column_ptr + rows, mask=row_mask, other=0) + 1
         tl.store(column_ptr + rows, column, mask=row_mask)
+        if HAS_EOS and LOG:  # the flag again at the sequence length after this step (the rows share the column)
+            tl.store(log_ptr + tl.max(tl.where(row_mask, column, 0), axis=0) + 1, stopped)
         tl.store(tokens_ptr + rows * stride_tb + column, token, mask=row_mask)
         tl.store(mask_ptr + rows * stride_mb + tl.minimum(column, S - 1), 1, mask=row_mask)
         tl.store(position_ptr + rows, tl.load(position_ptr + rows, mask=row_mask, other=0) + 1, mask=row_mask)
@@ -864,13 +867,15 @@ def greedy_pick_(logits_BV: torch.Tensor, tokens_BS: torch.Tensor, column_B1: to
     program for every row), in place on int64 tensors, as `DecodeGraph._pick_greedy`'s torch ops:
 
         token = logits.argmax(-1)                                  (first index of the maximum)
-        with eos = (eos_ids [E], unfinished [B], pad 0-dim, stopped 0-dim bool):
+        with eos = (eos_ids [E], unfinished [B], pad 0-dim, stopped 0-dim bool[, log]):
             token = token * unfinished + pad * (1 - unfinished)
             unfinished &= token not in eos_ids;  stopped = unfinished.max() == 0
         column += 1;  tokens[b, column] = token;  mask[b, min(column, S - 1)] = 1;  position += 1;  input = token
+        with a log (bool [S' + 1]):  log[column + 1] = stopped    (every row's column is the same)
 
     logits_BV [B, V] (last dim contiguous), tokens_BS [B, S'], column_B1 / position_B1 / input_B1 [B, 1]
-    (contiguous), mask_BS [B, S]; B <= GREEDY_MAX_ROWS."""
+    (contiguous), mask_BS [B, S]; B <= GREEDY_MAX_ROWS. The log may be pinned host memory (the GPU writes it
+    directly: generate() reads each step's flag without a copy)."""
     B, V = logits_BV.shape
     if logits_BV.stride(-1) != 1 or B > GREEDY_MAX_ROWS:
         raise ValueError(f"greedy_pick_: logits need a contiguous last dim and at most {GREEDY_MAX_ROWS} rows; "
@@ -885,16 +890,22 @@ def greedy_pick_(logits_BV: torch.Tensor, tokens_BS: torch.Tensor, column_B1: to
             raise ValueError(f"greedy_pick_: {name} must be a contiguous [{B}, 1]; found shape {tuple(t.shape)}")
     maxima, args = _chunk_argmax(logits_BV)
     chunks = maxima.shape[1]
+    log = None
     if eos is not None:
-        eos_ids, unfinished, pad, stopped = eos
+        eos_ids, unfinished, pad, stopped, *log = eos
+        log = log[0] if log else None
         E = eos_ids.numel()
+        if log is not None and (log.dtype != torch.bool or log.dim() != 1 or log.numel() < tokens_BS.shape[1] + 1):
+            raise ValueError(f"greedy_pick_: the stop log must be a bool [{tokens_BS.shape[1] + 1}] at least; found "
+                             f"{log.dtype}, shape {tuple(log.shape)}")
     else:
         eos_ids = unfinished = pad = stopped = column_B1
         E = 0
     _greedy_pick_kernel[(1,)](
         maxima, args, tokens_BS, column_B1, mask_BS, position_B1, input_B1, unfinished, pad, eos_ids, stopped,
-        B, chunks, E, mask_BS.shape[1], tokens_BS.stride(0), mask_BS.stride(0), HAS_EOS=eos is not None,
-        BLOCK_B=triton.next_power_of_2(B), BLOCK_C=triton.next_power_of_2(chunks),
+        log if log is not None else stopped, B, chunks, E, mask_BS.shape[1], tokens_BS.stride(0), mask_BS.stride(0),
+        HAS_EOS=eos is not None, LOG=log is not None, BLOCK_B=triton.next_power_of_2(B),
+        BLOCK_C=triton.next_power_of_2(chunks),
         BLOCK_E=triton.next_power_of_2(max(E, 1)), **_launch_options(logits_BV), num_warps=4,
     )
 

@@ -2071,7 +2071,12 @@ def sample_on_decode_graph(model, input_ids, logits_processor, stopping_criteria
             while flags.stop_length is None:
                 graph._run()  # reads the token at column length - 1, writes the next at column `length`
                 length += 1
-                flags.push(length, graph.stopped, last=length >= max_length)
+                if not greedy_eos:  # only the length limit stops it: no flag to read
+                    flags.stop_length = max_length if length >= max_length else None
+                elif graph.logs_stop:  # the step wrote its flag to pinned memory itself
+                    flags.push(length, None, last=length >= max_length, written=graph.stop_log)
+                else:
+                    flags.push(length, graph.stopped, last=length >= max_length)
             sequences = graph.tokens
             break
         logits_BV = graph.advance(tokens_B, length - 1)[:, -1]
@@ -2101,21 +2106,25 @@ class LaggedStopFlags:
     def __init__(self, max_length: int, device: torch.device):
         self.on_cuda = device.type == "cuda"
         self.host = torch.zeros(max_length + 1, dtype=torch.bool, pin_memory=self.on_cuda)
-        self.pending = collections.deque()  # (length, event) of the flags not read yet
+        self.pending = collections.deque()  # (length, event, the flags' buffer) of the flags not read yet
         self.stop_length = None
 
-    def push(self, length: int, stopped: torch.Tensor, last: bool) -> None:
-        self.host[length].copy_(stopped, non_blocking=True)
+    def push(self, length: int, stopped: torch.Tensor | None, last: bool, written: torch.Tensor | None = None):
+        """The flag of the step that made the sequence `length` long: `stopped` (a 0-dim device bool), or with
+        `written`, the pinned buffer the step itself writes it into at [length] (`DecodeGraph.stop_log`)."""
+        if written is None:
+            written = self.host
+            written[length].copy_(stopped, non_blocking=True)
         event = None
         if self.on_cuda:
             event = torch.cuda.Event()
             event.record()
-        self.pending.append((length, event))
+        self.pending.append((length, event, written))
         while self.stop_length is None and self.pending and (last or len(self.pending) > STOP_CHECK_LAG):
-            flag_length, event = self.pending.popleft()
+            flag_length, event, flags = self.pending.popleft()
             if event is not None:
                 event.synchronize()
-            if self.host[flag_length]:
+            if flags[flag_length]:
                 self.stop_length = flag_length
         if self.stop_length is None and last:
             self.stop_length = length
@@ -2172,6 +2181,10 @@ class DecodeGraph:
             self.pad = torch.zeros((), dtype=torch.long, device=device)
             self.eos = torch.tensor(greedy_eos, dtype=torch.long, device=device) if greedy_eos else None
             self.stopped = torch.zeros((), dtype=torch.bool, device=device)
+            # `stopped` again at each step's sequence length, written by the decode kernels' greedy pick straight into
+            # pinned memory (generate() reads it with no copy); `logs_stop` once a step has written it.
+            self.stop_log = torch.zeros(self.mask_length + 2, dtype=torch.bool, pin_memory=device.type == "cuda")
+            self.logs_stop = False
         self.graph = None
         if capture is None:
             capture = self.input_ids.is_cuda
@@ -2220,8 +2233,9 @@ class DecodeGraph:
         if kernels and logits_BV.shape[0] <= GREEDY_MAX_ROWS:
             # decode_kernels: the argmax's two passes, the second doing the bookkeeping below (about eight small
             # torch kernels less a step)
-            eos = (self.eos, self.unfinished, self.pad, self.stopped) if self.eos is not None else None
+            eos = (self.eos, self.unfinished, self.pad, self.stopped, self.stop_log) if self.eos is not None else None
             greedy_pick_(logits_BV, self.tokens, self.column, self.mask, self.position_ids, self.input_ids, eos)
+            self.logs_stop = eos is not None
             return
         if kernels:
             next_B = argmax_rows(logits_BV)  # decode_kernels: two passes instead of torch's one slow reduction

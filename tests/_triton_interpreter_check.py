@@ -335,7 +335,8 @@ def greedy_reference(logits, tokens, column, mask, position, input_ids, eos):
 def check_greedy_pick():
     """`greedy_pick_` (argmax over chunks, the greedy bookkeeping of all rows in one program) against the torch
     ops it replaces: ties inside and across chunks (the first index wins), end-of-sequence ids finishing rows,
-    finished rows padded, `stopped` once all rows are, the mask column clamped at the cache's end."""
+    finished rows padded, `stopped` once all rows are (and in the stop log), the mask column clamped at the cache's
+    end."""
     torch.manual_seed(0)
     B, V, S = 3, 2 * kernels.ARGMAX_BLOCK + 100, 12
     for case in ("plain", "eos", "all-finish", "last-column"):
@@ -361,6 +362,14 @@ def check_greedy_pick():
             assert torch.equal(expected, found), (case, expected, found)
         if case == "all-finish":
             assert bool(states[1][5][3])
+        if eos is not None:  # with the stop log: the same state, and the flag at the new sequence length
+            logged = copy.deepcopy(state)
+            log = torch.zeros(S + 2, dtype=torch.bool)
+            kernels.greedy_pick_(logits, *logged[:5], (*logged[5], log))
+            for expected, found in zip(flat[1], [t for t in (*logged[:5], *logged[5])]):
+                assert torch.equal(expected, found), (case, expected, found)
+            assert log.nonzero().flatten().tolist() == ([int(column[0]) + 2] if bool(logged[5][3]) else [])
+            assert bool(logged[5][3]) == (case != "eos")
 
 
 def check_decode_prologue():
