@@ -1737,7 +1737,8 @@ def _passes_moe_parts(layer: nn.Module, reader: nn.Module, x: "torch.Tensor | Pe
         x.numel() <= MAX_GEMV_TOKENS * x.shape[-1]
         and type(layer) is DeepseekV3DecoderLayer
         and isinstance(layer.mlp, DeepseekV3MoE)
-        and not any(m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook") for m in (layer, reader))
+        and not any(m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook")
+                    for m in (layer, layer.mlp, reader))
     ):
         return False
     if type(reader) is DeepseekV3RMSNorm:

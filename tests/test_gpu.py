@@ -635,6 +635,16 @@ def test_moe_output_summed_inside_the_next_layer_equals_its_own_combine(monkeypa
     assert torch.equal(folded, separate) and torch.equal(graphed, graphed_separate)
     assert relative_max_diff(folded, eager) < (1e-4 if dtype == torch.float32 else 3e-2)
 
+    # A hook on a MoE layer sees its output, not the parts: that layer sums it itself.
+    monkeypatch.undo()
+    outputs = []
+    model.model.layers[2].mlp.register_forward_hook(lambda module, args, output: outputs.append(output[0]))
+    model.config.decode_kernels = True
+    with torch.no_grad():
+        hooked = teacher_forced_logits(model, ids, StaticCache(config=model.config, max_cache_len=16))
+    assert outputs and all(isinstance(out, torch.Tensor) for out in outputs)
+    assert torch.equal(hooked, folded)
+
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
 def test_prompt_with_decode_kernels_equals_the_eager_prompt(dtype, tolerance):
