@@ -434,6 +434,19 @@ if triton is not None:
         return new_max, running_sum, acc
 
     @triton.jit
+    def _key_block(c_kv_row, k_pe_row, block, S, stride_cs, stride_ks, lat, lat_mask, rope, rope_mask,
+                   BLOCK_S: tl.constexpr):
+        # One sequence's key block `block` of the latent cache (c_kv_row / k_pe_row: its first slot) -> the slots,
+        # their mask (< S), c_kv [BLOCK_S, L] and k_pe [BLOCK_S, R] (zeros past S).
+        key = block * BLOCK_S + tl.arange(0, BLOCK_S)
+        key_mask = key < S
+        c_kv = tl.load(c_kv_row + key[:, None] * stride_cs + lat[None, :], mask=key_mask[:, None] & lat_mask[None, :],
+                       other=0.0)
+        k_pe = tl.load(k_pe_row + key[:, None] * stride_ks + rope[None, :],
+                       mask=key_mask[:, None] & rope_mask[None, :], other=0.0)
+        return key, key_mask, c_kv, k_pe
+
+    @triton.jit
     def _absorbed_attention_split_kernel(
         q_lat_ptr, q_pe_ptr, c_kv_ptr, k_pe_ptr, bias_ptr, fresh_ptr, acc_ptr, max_ptr, sum_ptr,
         H, S, L, R, blocks_per_split, scale,
@@ -459,12 +472,8 @@ if triton is not None:
         lat_mask = lat < L
         rope_mask = rope < R
         first = split * blocks_per_split
-        key = first * BLOCK_S + tl.arange(0, BLOCK_S)
-        key_mask = key < S
-        c_kv = tl.load(c_kv_ptr + b * stride_cb + key[:, None] * stride_cs + lat[None, :],
-                       mask=key_mask[:, None] & lat_mask[None, :], other=0.0)
-        k_pe = tl.load(k_pe_ptr + b * stride_kb + key[:, None] * stride_ks + rope[None, :],
-                       mask=key_mask[:, None] & rope_mask[None, :], other=0.0)
+        key, key_mask, c_kv, k_pe = _key_block(c_kv_ptr + b * stride_cb, k_pe_ptr + b * stride_kb, first, S,
+                                               stride_cs, stride_ks, lat, lat_mask, rope, rope_mask, BLOCK_S)
         if FRESH:
             fresh = tl.load(fresh_ptr)
             if PDL:
@@ -490,12 +499,8 @@ if triton is not None:
         running_max, running_sum, acc = _attend_block(q_lat, q_pe, c_kv, k_pe, bias, key_mask, running_max,
                                                       running_sum, acc, scale, HAS_BIAS, PRECISION)
         for block in range(first + 1, first + blocks_per_split):  # after the wait: the fresh slot may be here
-            key = block * BLOCK_S + tl.arange(0, BLOCK_S)
-            key_mask = key < S
-            c_kv = tl.load(c_kv_ptr + b * stride_cb + key[:, None] * stride_cs + lat[None, :],
-                           mask=key_mask[:, None] & lat_mask[None, :], other=0.0)
-            k_pe = tl.load(k_pe_ptr + b * stride_kb + key[:, None] * stride_ks + rope[None, :],
-                           mask=key_mask[:, None] & rope_mask[None, :], other=0.0)
+            key, key_mask, c_kv, k_pe = _key_block(c_kv_ptr + b * stride_cb, k_pe_ptr + b * stride_kb, block, S,
+                                                   stride_cs, stride_ks, lat, lat_mask, rope, rope_mask, BLOCK_S)
             if HAS_BIAS:
                 bias = tl.load(bias_ptr + b * stride_bb + key, mask=key_mask, other=0.0).to(tl.float32)
             running_max, running_sum, acc = _attend_block(q_lat, q_pe, c_kv, k_pe, bias, key_mask, running_max,
