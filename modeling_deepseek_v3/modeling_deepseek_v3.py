@@ -1737,18 +1737,15 @@ def _passes_moe_parts(layer: nn.Module, reader: nn.Module, x: "torch.Tensor | Pe
         x.numel() <= MAX_GEMV_TOKENS * x.shape[-1]
         and type(layer) is DeepseekV3DecoderLayer
         and isinstance(layer.mlp, DeepseekV3MoE)
-        and not any(m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook")
-                    for m in (layer, layer.mlp, reader))
+        and type(reader) in (DeepseekV3DecoderLayer, DeepseekV3RMSNorm)
     ):
+        return False
+    modules = (layer, layer.mlp, reader) + ((reader.self_attn,) if type(reader) is DeepseekV3DecoderLayer else ())
+    if any(m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook") for m in modules):
         return False
     if type(reader) is DeepseekV3RMSNorm:
         return _use_decode_kernels(reader.config, reader, x) and _plain_norm(reader, x)
-    return (
-        type(reader) is DeepseekV3DecoderLayer
-        and not (reader.self_attn._forward_hooks or reader.self_attn._forward_pre_hooks
-                 or hasattr(reader.self_attn, "_hf_hook"))
-        and reader.takes_pending_input(x)
-    )
+    return reader.takes_pending_input(x)
 
 
 def positions_from_mask(attention_mask: torch.Tensor | None, cache_position: torch.Tensor, batch_size: int):
