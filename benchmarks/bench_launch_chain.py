@@ -3,7 +3,7 @@
 A batch-1 decode step is a chain of ~275 small kernels, each reading what the one before it wrote. This measures
 the cost of one link of such a chain when a link does almost nothing (each program reads a 2,048-float row that
 every program of the previous link wrote a slice of, and writes its own slice), captured as a CUDA graph and
-replayed:
+replayed (the median of `--replays` replays):
 
 - `PDL chain`: one launch per link with programmatic dependent launch (each kernel waits on the previous one with
   `griddepcontrol.wait`), as the decode kernels run;
@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+from tune_decode_kernels import graph_time  # (benchmarks/, the script's folder)
 
 D = 2048  # the row every link reads (a hidden state)
 
@@ -64,27 +65,6 @@ def _persistent_kernel(buffers, barrier, D, LINKS: tl.constexpr, PER: tl.constex
         tl.atomic_xchg(barrier + 1, 0, sem="relaxed", scope="gpu")
 
 
-def graph_us_per_link(run, links: int, replays: int) -> float:
-    """`run()` captured as a CUDA graph (after a warm-up on a side stream) -> microseconds a link per replay."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        run()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
-    for _ in range(3):
-        graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e3 / replays / links
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--links", type=int, default=40)
@@ -116,7 +96,8 @@ def main():
             raise RuntimeError("the chain and the persistent launch disagree (or the barrier was not reset)")
         for name, run in (("PDL chain", lambda: chain(True)), ("plain chain", lambda: chain(False)),
                           ("persistent", persistent)):
-            print(f"programs {programs:3d}: {name:12s} {graph_us_per_link(run, args.links, args.replays):.2f} us a link")
+            us = graph_time(run, args.replays) * 1e6 / args.links  # the median replay
+            print(f"programs {programs:3d}: {name:12s} {us:.2f} us a link")
 
 
 if __name__ == "__main__":
